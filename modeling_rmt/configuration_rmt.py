@@ -1,0 +1,153 @@
+"""Configuration of Recurrent Memory Transformer models wrapping any supported backbone."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, BertConfig, PreTrainedConfig
+
+# Encoder families whose `*ForSequenceClassification` heads read the first ([CLS]) position and whose
+# embeddings accept `inputs_embeds`. Value: how many position slots the family reserves before
+# position 0 (RoBERTa-style models start positions at `pad_token_id + 1`).
+ENCODER_FAMILIES: dict[str, int] = {
+    "bert": 0,
+    "distilbert": 0,
+    "electra": 0,
+    "roberta": 2,
+    "xlm-roberta": 2,
+    "camembert": 2,
+}
+MEMORY_TYPES = ("rmt",)  # "armt" (per-layer associative memory) plugs in here
+SEGMENT_ALIGNMENTS = ("right", "left")
+SEGMENT_LOSSES = ("final", "mean")
+# Special tokens around every encoder segment: [CLS] memory [SEP] tokens [SEP]
+ENCODER_SPECIAL_TOKENS = 3
+AUTO_MAP = {
+    "AutoConfig": "configuration_rmt.RMTConfig",
+    "AutoModel": "modeling_rmt.RMTModel",
+    "AutoModelForSequenceClassification": "modeling_rmt.RMTForSequenceClassification",
+}
+
+
+def backbone_position_limit(text_config: PreTrainedConfig) -> int:
+    """Longest input (in tokens) the backbone's position embeddings can address."""
+    reserved = ENCODER_FAMILIES.get(text_config.model_type, 0)
+    return int(text_config.max_position_embeddings) - reserved
+
+
+def _as_backbone_config(text_config: Any) -> PreTrainedConfig:
+    if text_config is None:
+        return BertConfig()
+    if isinstance(text_config, PreTrainedConfig):
+        return text_config
+    if isinstance(text_config, dict):
+        if "model_type" not in text_config:
+            raise ValueError(
+                "`text_config` is a dict without `model_type`; pass e.g. AutoConfig.from_pretrained(name) "
+                "or a dict with `model_type` set."
+            )
+        values = dict(text_config)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    raise TypeError(f"`text_config` must be a PreTrainedConfig or a dict, got {type(text_config).__name__}.")
+
+
+class RMTConfig(PreTrainedConfig):
+    r"""Configuration of a Recurrent Memory Transformer around a backbone given as `text_config`.
+
+    Args:
+        text_config: the backbone's config (any supported AutoConfig or its dict); BERT-base if omitted.
+        num_mem_tokens: number of memory tokens carried from segment to segment.
+        segment_size: content tokens per segment (memory and special tokens come on top).
+        max_n_segments: the most segments a document may have in training (inference is unbounded);
+            `None` for no cap.
+        bptt_depth: gradients cross at most this many memory transitions back from the last segment;
+            -1 for full backpropagation through time.
+        segment_alignment: "right" (the authors' default: the last segment is full, a short first
+            segment is padded) or "left" (the first segment is full, the last is short).
+        segment_loss: "final" (loss on the last segment's logits) or "mean" (mean over each
+            document's segments).
+        memory_type: "rmt" (memory tokens recur through the last layer's states).
+        cls_token_id, sep_token_id, pad_token_id: the backbone tokenizer's special tokens.
+    """
+
+    model_type: ClassVar[str] = "rmt"
+    sub_configs: ClassVar[dict[str, type]] = {"text_config": AutoConfig}
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_mem_tokens: int = 10
+    segment_size: int = 499
+    max_n_segments: int | None = None
+    bptt_depth: int = -1
+    segment_alignment: str = "right"
+    segment_loss: str = "final"
+    memory_type: str = "rmt"
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        text_config_given = self.text_config is not None
+        self.text_config = _as_backbone_config(self.text_config)
+        if not text_config_given:  # the default backbone: bert-base-uncased's vocabulary
+            self.cls_token_id = 101 if self.cls_token_id is None else self.cls_token_id
+            self.sep_token_id = 102 if self.sep_token_id is None else self.sep_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = getattr(self.text_config, "pad_token_id", None)
+        labels_given = self.id2label is not None or "num_labels" in kwargs
+        if not labels_given:  # the backbone's head decides the labels
+            self.id2label = dict(self.text_config.id2label)
+            self.label2id = dict(self.text_config.label2id)
+            self.problem_type = self.problem_type or self.text_config.problem_type
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__post_init__(**kwargs)
+        if labels_given:  # labels given here are pushed down to the backbone's head
+            self.text_config.id2label = dict(self.id2label)
+            self.text_config.label2id = dict(self.label2id)
+        self.validate_rmt()
+
+    def validate_rmt(self) -> None:
+        """Check every RMT setting against the backbone; raise ValueError naming the fix."""
+        family = self.text_config.model_type
+        if family not in ENCODER_FAMILIES:
+            raise ValueError(
+                f"Backbone family {family!r} is not supported by RMT yet. Supported encoder families: "
+                f"{', '.join(sorted(ENCODER_FAMILIES))}."
+            )
+        if self.memory_type not in MEMORY_TYPES:
+            raise ValueError(f"Unknown memory_type {self.memory_type!r}; choose one of {MEMORY_TYPES}.")
+        if not isinstance(self.num_mem_tokens, int) or self.num_mem_tokens < 1:
+            raise ValueError(f"num_mem_tokens must be an integer >= 1, got {self.num_mem_tokens!r}.")
+        if not isinstance(self.segment_size, int) or self.segment_size < 1:
+            raise ValueError(f"segment_size must be an integer >= 1, got {self.segment_size!r}.")
+        if self.max_n_segments is not None and (not isinstance(self.max_n_segments, int) or self.max_n_segments < 1):
+            raise ValueError(f"max_n_segments must be None or an integer >= 1, got {self.max_n_segments!r}.")
+        if not isinstance(self.bptt_depth, int) or self.bptt_depth < -1:
+            raise ValueError(f"bptt_depth must be -1 (full) or an integer >= 0, got {self.bptt_depth!r}.")
+        if self.segment_alignment not in SEGMENT_ALIGNMENTS:
+            raise ValueError(
+                f"Unknown segment_alignment {self.segment_alignment!r}; choose one of {SEGMENT_ALIGNMENTS}."
+            )
+        if self.segment_loss not in SEGMENT_LOSSES:
+            raise ValueError(f"Unknown segment_loss {self.segment_loss!r}; choose one of {SEGMENT_LOSSES}.")
+        limit = backbone_position_limit(self.text_config)
+        needed = self.segment_input_length
+        if needed > limit:
+            raise ValueError(
+                f"A segment needs {needed} positions (segment_size {self.segment_size} + num_mem_tokens "
+                f"{self.num_mem_tokens} + {ENCODER_SPECIAL_TOKENS} special tokens) but the {family} backbone "
+                f"addresses at most {limit}. Use segment_size <= "
+                f"{limit - self.num_mem_tokens - ENCODER_SPECIAL_TOKENS}."
+            )
+        vocab = self.text_config.vocab_size
+        for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < vocab:
+                raise ValueError(f"{name}={value} is outside the backbone's vocabulary of {vocab} tokens.")
+
+    @property
+    def segment_input_length(self) -> int:
+        """Positions one full segment occupies in the backbone."""
+        return self.segment_size + self.num_mem_tokens + ENCODER_SPECIAL_TOKENS
+
+
+__all__ = ["RMTConfig"]
