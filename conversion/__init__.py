@@ -1,0 +1,1 @@
+"""Conversion tools: backbone -> RMT checkpoints (more conversions follow)."""

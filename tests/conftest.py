@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random backbones and a helper that tokenizes like a real tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from modeling_rmt import RMTConfig, RMTForSequenceClassification  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+CLS, SEP, PAD = 1, 2, 0
+VOCAB = 96
+TINY = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+TINY_BACKBONES = {
+    "bert": dict(num_hidden_layers=2, pad_token_id=PAD),
+    "roberta": dict(num_hidden_layers=2, pad_token_id=PAD),
+    "distilbert": dict(n_layers=2, dim=32, n_heads=2, hidden_dim=64, pad_token_id=PAD),
+}
+
+
+def tiny_backbone_config(family: str = "bert", **overrides):
+    values = {**TINY, **TINY_BACKBONES[family], **overrides}
+    return AutoConfig.for_model(family, **values)
+
+
+def tiny_rmt_config(family: str = "bert", num_labels: int = 2, **rmt_kwargs) -> RMTConfig:
+    defaults = {"num_mem_tokens": 3, "segment_size": 8, "cls_token_id": CLS, "sep_token_id": SEP, "pad_token_id": PAD}
+    text_config = tiny_backbone_config(family, num_labels=num_labels)
+    return RMTConfig(text_config=text_config, **{**defaults, **rmt_kwargs})
+
+
+def tiny_classifier(family: str = "bert", seed: int = 0, **kwargs) -> RMTForSequenceClassification:
+    torch.manual_seed(seed)
+    return RMTForSequenceClassification(tiny_rmt_config(family, **kwargs)).eval()
+
+
+def encode(documents: list[torch.Tensor], padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Batch content token ids as a tokenizer would: [CLS] content [SEP], padded, with masks."""
+    rows = [torch.cat([torch.tensor([CLS]), doc, torch.tensor([SEP])]) for doc in documents]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        input_ids[i, span] = row
+        attention_mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+
+
+def random_documents(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, VOCAB, (n,), generator=generator) for n in lengths]
+
+
+@pytest.fixture
+def bert_classifier() -> RMTForSequenceClassification:
+    return tiny_classifier("bert")
