@@ -24,6 +24,7 @@ LONG_DOCUMENT_TOKENS = 2**24
 def long_document_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Let the tokenizer (and `pipeline`) take whole documents: RMT segments them itself."""
     tokenizer.model_max_length = LONG_DOCUMENT_TOKENS
+    tokenizer.init_kwargs.pop("max_length", None)  # a sentence-embedding default that would read as a limit
     return tokenizer
 
 

@@ -1,0 +1,135 @@
+"""A saved checkpoint in a Hugging Face cache layout loads as remote code where `modeling_rmt` cannot be
+imported, offline, through the Auto classes and `pipeline`, and gives the in-process scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from conversion.from_backbone import LONG_DOCUMENT_TOKENS, convert_backbone
+from modeling_rmt import RMTForSequenceClassification
+from modeling_rmt.tools.backbones import minilm_path
+from modeling_rmt.tools.demo import synthetic_document
+
+HUB_FILES = {"config.json", "model.safetensors", "configuration_rmt.py", "modeling_rmt.py", "memory.py",
+             "segmenting.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+FRESH_PROCESS = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class NoLocalPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_rmt", "conversion"):
+                raise ModuleNotFoundError(f"{name} is blocked in this process")
+
+    sys.meta_path.insert(0, NoLocalPackage())
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    repo, text_file, resave = sys.argv[1:4]
+    text = open(text_file).read()
+    try:
+        import modeling_rmt  # noqa: F401
+        sys.exit("modeling_rmt must not be importable here")
+    except ModuleNotFoundError:
+        pass
+    classifier = pipeline("text-classification", model=repo, trust_remote_code=True)
+    scores = classifier(text, top_k=None)
+    model = AutoModelForSequenceClassification.from_pretrained(repo, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(repo, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
+    short = tokenizer(text[:5000], return_tensors="pt")
+    model.save_pretrained(resave)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(resave, trust_remote_code=True).eval()
+    with torch.no_grad():
+        resaved_equal = torch.equal(model(**short).logits, reloaded(**short).logits)
+    print(json.dumps({
+        "scores": {s["label"]: s["score"] for s in scores},
+        "classes": [type(model).__name__, type(base).__name__, type(classifier.model).__name__],
+        "modules": [type(model).__module__, type(base).__module__],
+        "resaved_equal": resaved_equal,
+        "tokens": len(tokenizer(text).input_ids),
+    }))
+    """
+)
+
+
+def hub_cache_layout(folder: Path, cache: Path, repo_id: str) -> None:
+    """Lay out `folder` as the Hub cache would after downloading `repo_id` at COMMIT."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / COMMIT)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+
+
+@pytest.fixture(scope="module")
+def saved_twice(tmp_path_factory) -> Path:
+    """An RMT-MiniLM checkpoint, loaded from the installed package and saved again."""
+    first = tmp_path_factory.mktemp("first")
+    torch.manual_seed(0)
+    convert_backbone(str(minilm_path()), first, num_labels=3, num_mem_tokens=10)
+    second = tmp_path_factory.mktemp("second")
+    model = AutoModelForSequenceClassification.from_pretrained(first)
+    assert type(model) is RMTForSequenceClassification  # the installed class, not remote code
+    model.save_pretrained(second)
+    AutoTokenizer.from_pretrained(first).save_pretrained(second)
+    return second
+
+
+def test_saved_folder_holds_code_auto_map_and_a_long_document_tokenizer(saved_twice):
+    assert HUB_FILES <= {p.name for p in saved_twice.iterdir()}
+    config = json.loads((saved_twice / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_rmt.RMTConfig",
+        "AutoModel": "modeling_rmt.RMTModel",
+        "AutoModelForSequenceClassification": "modeling_rmt.RMTForSequenceClassification",
+    }
+    hub_sources = [saved_twice / name for name in HUB_FILES if name.endswith(".py")]
+    for source in hub_sources:
+        for line in source.read_text().splitlines():
+            if line.startswith(("import ", "from ")):
+                module = line.split()[1]
+                assert module.startswith((".", "torch", "transformers", "__future__", "collections", "dataclasses",
+                                          "typing", "inspect")), f"{source.name}: {line}"  # fmt: skip
+    assert AutoTokenizer.from_pretrained(saved_twice).model_max_length == LONG_DOCUMENT_TOKENS
+
+
+def test_fresh_offline_process_loads_remote_code_from_the_hub_cache(saved_twice, tmp_path):
+    cache = tmp_path / "hub"
+    hub_cache_layout(saved_twice, cache, "org/rmt-bert")
+    tokenizer = AutoTokenizer.from_pretrained(saved_twice)
+    text = synthetic_document(20_000, tokenizer, seed=3)
+    text_file = tmp_path / "document.txt"
+    text_file.write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "TRANSFORMERS_CACHE")}
+    env.update(HF_HUB_CACHE=str(cache), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, "org/rmt-bert", str(text_file), str(tmp_path / "resaved")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["classes"] == ["RMTForSequenceClassification", "RMTModel", "RMTForSequenceClassification"]
+    assert all(module.startswith("transformers_modules") for module in remote["modules"])
+    assert remote["resaved_equal"] is True
+    assert remote["tokens"] >= 20_000
+
+    # The same document in this process, through the installed classes, untruncated.
+    model = AutoModelForSequenceClassification.from_pretrained(saved_twice).eval()
+    with torch.no_grad():
+        probabilities = model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0]
+    expected = {model.config.id2label[i]: p.item() for i, p in enumerate(probabilities)}
+    local = pipeline("text-classification", model=model, tokenizer=tokenizer)(text, top_k=None)
+    assert {s["label"]: s["score"] for s in local} == pytest.approx(expected, abs=1e-6)
+    assert remote["scores"] == pytest.approx(expected, abs=1e-5)
