@@ -72,6 +72,8 @@ class RMTConfig(PreTrainedConfig):
 
     model_type: ClassVar[str] = "rmt"
     sub_configs: ClassVar[dict[str, type]] = {"text_config": AutoConfig}
+    # Trainer's predictions are the logits; the memory is state, not a prediction.
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["memory_state", "segments_mask", "segment_hidden_states"]
 
     text_config: dict | PreTrainedConfig | None = None
     num_mem_tokens: int = 10

@@ -233,7 +233,7 @@ class RMTModel(RMTPreTrainedModel):
     ) -> RMTModelOutput | tuple:
         plan = self._plan(input_ids, attention_mask, token_type_ids)
         segment_states = [] if output_hidden_states else None
-        for segment, outputs, state in self._segments(plan, memory_state):
+        for segment, outputs, state in self._segments(plan, memory_state):  # noqa: B007 (final state)
             if segment_states is not None:
                 segment_states.append(_scatter_rows(segment.rows, outputs.last_hidden_state, plan.batch_size))
         output = RMTModelOutput(
@@ -269,7 +269,7 @@ class RMTForSequenceClassification(RMTPreTrainedModel):
             self._check_labels(labels, plan.batch_size)
         mean_loss = labels is not None and self.config.segment_loss == "mean"
         segment_logits, segment_states, segment_losses = [], [], []
-        for segment, outputs, state in self._segments(plan, memory_state, output_hidden_states=True):
+        for segment, outputs, state in self._segments(plan, memory_state, output_hidden_states=True):  # noqa: B007
             if output_segment_logits:
                 segment_logits.append(_scatter_rows(segment.rows, outputs.logits, plan.batch_size))
             if output_hidden_states:

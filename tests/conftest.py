@@ -30,9 +30,11 @@ def tiny_backbone_config(family: str = "bert", **overrides):
     return AutoConfig.for_model(family, **values)
 
 
-def tiny_rmt_config(family: str = "bert", num_labels: int = 2, **rmt_kwargs) -> RMTConfig:
+def tiny_rmt_config(
+    family: str = "bert", num_labels: int = 2, backbone_overrides: dict | None = None, **rmt_kwargs
+) -> RMTConfig:
     defaults = {"num_mem_tokens": 3, "segment_size": 8, "cls_token_id": CLS, "sep_token_id": SEP, "pad_token_id": PAD}
-    text_config = tiny_backbone_config(family, num_labels=num_labels)
+    text_config = tiny_backbone_config(family, num_labels=num_labels, **(backbone_overrides or {}))
     return RMTConfig(text_config=text_config, **{**defaults, **rmt_kwargs})
 
 
