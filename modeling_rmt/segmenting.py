@@ -25,18 +25,24 @@ class Segment:
 
 @dataclass
 class SegmentPlan:
-    """All documents of a batch laid out on a common grid of `num_segments * segment_size` tokens."""
+    """Where each document's content lies in the input and on the common grid of segments.
 
-    input_ids: torch.Tensor  # [B, T * S]
-    content_mask: torch.Tensor  # [B, T * S] bool
+    Nothing of the document's length is copied: each step gathers its `segment_size` tokens straight
+    from the input, so planning a 2M-token document costs a few bytes per document.
+    """
+
+    input_ids: torch.Tensor  # [B, L] the input (or its compacted copy when the mask has holes)
     token_type_ids: torch.Tensor | None
+    content_start: torch.Tensor  # [B] index in input_ids of each document's first content token
+    lengths: torch.Tensor  # [B] content tokens per document
+    grid_offset: torch.Tensor  # [B] grid position of each document's first content token
     segments_per_document: torch.Tensor  # [B]
     segment_size: int
     pad_token_id: int
 
     @property
     def num_segments(self) -> int:
-        return self.input_ids.shape[1] // self.segment_size
+        return int(self.segments_per_document.max())
 
     @property
     def batch_size(self) -> int:
@@ -50,18 +56,30 @@ class SegmentPlan:
 
     def segment(self, step: int) -> Segment:
         """The content of step `step`, left-packed, for the documents active at that step."""
-        window = slice(step * self.segment_size, (step + 1) * self.segment_size)
-        mask = self.content_mask[:, window]
-        rows = mask.any(dim=1).nonzero().squeeze(1)
-        mask = mask[rows]
-        width = int(mask.sum(dim=1).max())
-        # A stable sort moves each row's padding behind its content without reordering tokens.
-        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        ids = self.input_ids[rows, window].gather(1, order)
-        types = None if self.token_type_ids is None else self.token_type_ids[rows, window].gather(1, order)
-        packed_mask = mask.gather(1, order)
-        ids = ids.masked_fill(~packed_mask, self.pad_token_id)
-        return Segment(rows=rows, input_ids=ids, attention_mask=packed_mask.long(), token_type_ids=types)
+        window_start = step * self.segment_size - self.grid_offset
+        begin = window_start.clamp(min=0)
+        end = torch.minimum(window_start + self.segment_size, self.lengths)
+        rows = (end > begin).nonzero().squeeze(1)
+        counts = (end - begin)[rows]
+        width = int(counts.max())
+        columns = torch.arange(width, device=self.input_ids.device)
+        mask = columns[None, :] < counts[:, None]
+        index = (self.content_start[rows] + begin[rows])[:, None] + columns[None, :]
+        index = torch.where(mask, index, self.content_start[rows, None])  # any valid column where masked
+        ids = self.input_ids[rows].gather(1, index).masked_fill(~mask, self.pad_token_id)
+        types = None if self.token_type_ids is None else self.token_type_ids[rows].gather(1, index) * mask
+        return Segment(rows=rows, input_ids=ids, attention_mask=mask.long(), token_type_ids=types)
+
+
+def _compact(tensor: torch.Tensor | None, real: torch.Tensor, fill: int) -> torch.Tensor | None:
+    """Move each row's real tokens to its front, in order (only for masks with holes)."""
+    if tensor is None:
+        return None
+    out = torch.full_like(tensor, fill)
+    for row in range(tensor.shape[0]):
+        kept = tensor[row][real[row]]
+        out[row, : kept.numel()] = kept
+    return out
 
 
 def plan_segments(
@@ -75,7 +93,7 @@ def plan_segments(
     pad_token_id: int | None,
     alignment: str = "right",
 ) -> SegmentPlan:
-    """Strip the tokenizer's outer [CLS]/[SEP] and lay every document's content on the segment grid.
+    """Strip the tokenizer's outer [CLS]/[SEP] and place every document's content on the segment grid.
 
     Raises ValueError for inputs that cannot be segmented faithfully (see the messages).
     """
@@ -96,22 +114,25 @@ def plan_segments(
         raise ValueError(
             f"token_type_ids shape {tuple(token_type_ids.shape)} differs from input_ids {tuple(input_ids.shape)}."
         )
+    fill = pad_token_id if pad_token_id is not None else 0
     real = attention_mask.bool()
-    batch, length = input_ids.shape
-    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    # Content excludes a leading [CLS] and a trailing [SEP] of each document (padding on either side).
-    first = torch.where(real, positions, length).min(dim=1).values
-    last = torch.where(real, positions, -1).max(dim=1).values
-    rows = torch.arange(batch, device=input_ids.device)
-    content = real.clone()
+    length = input_ids.shape[1]
+    count = real.sum(dim=1)
+    first = real.to(torch.uint8).argmax(dim=1)
+    last = length - 1 - real.flip(1).to(torch.uint8).argmax(dim=1)
+    if bool(((last - first + 1) != count)[count > 0].any()):  # holes inside a document: close them
+        input_ids = _compact(input_ids, real, fill)
+        token_type_ids = _compact(token_type_ids, real, 0)
+        first, last = torch.zeros_like(first), count - 1
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    has_cls = count > 0
     if cls_token_id is not None:
-        starts_with_cls = (input_ids[rows, first.clamp(max=length - 1)] == cls_token_id) & (first < length)
-        content[rows[starts_with_cls], first[starts_with_cls]] = False
+        has_cls &= input_ids[rows, first] == cls_token_id
+    content_start = first + has_cls.long()
+    has_sep = last >= content_start
     if sep_token_id is not None:
-        ends_with_sep = (input_ids[rows, last.clamp(min=0)] == sep_token_id) & (last >= 0)
-        ends_with_sep &= content[rows, last.clamp(min=0)]
-        content[rows[ends_with_sep], last[ends_with_sep]] = False
-    lengths = content.sum(dim=1)
+        has_sep &= input_ids[rows, last] == sep_token_id
+    lengths = (last + 1 - has_sep.long() - content_start).clamp(min=0) * (count > 0)
     if bool((lengths == 0).any()):
         empty = (lengths == 0).nonzero().flatten().tolist()
         raise ValueError(
@@ -120,24 +141,14 @@ def plan_segments(
         )
     segments = (lengths + segment_size - 1) // segment_size
     total = int(segments.max()) * segment_size
-    # Destination of every content token on the grid: documents end together on the last step.
-    rank = content.long().cumsum(dim=1) - 1  # index of a token within its document's content
-    pad_left = total - lengths if alignment == "right" else total - segments * segment_size
-    destination = rank + pad_left[:, None]
-    fill = pad_token_id if pad_token_id is not None else 0
-    grid_ids = input_ids.new_full((batch, total), fill)
-    grid_mask = torch.zeros(batch, total, dtype=torch.bool, device=input_ids.device)
-    doc_index, token_index = content.nonzero(as_tuple=True)
-    grid_ids[doc_index, destination[doc_index, token_index]] = input_ids[doc_index, token_index]
-    grid_mask[doc_index, destination[doc_index, token_index]] = True
-    grid_types = None
-    if token_type_ids is not None:
-        grid_types = token_type_ids.new_zeros((batch, total))
-        grid_types[doc_index, destination[doc_index, token_index]] = token_type_ids[doc_index, token_index]
+    # Documents end together on the last step; "right" pads a short first segment, "left" a short last one.
+    grid_offset = total - lengths if alignment == "right" else total - segments * segment_size
     return SegmentPlan(
-        input_ids=grid_ids,
-        content_mask=grid_mask,
-        token_type_ids=grid_types,
+        input_ids=input_ids,
+        token_type_ids=token_type_ids,
+        content_start=content_start,
+        lengths=lengths,
+        grid_offset=grid_offset,
         segments_per_document=segments,
         segment_size=segment_size,
         pad_token_id=fill,

@@ -161,3 +161,39 @@ def test_missing_special_tokens_are_named():
     config = RMTConfig(text_config=tiny_backbone_config(), num_mem_tokens=2, segment_size=8, sep_token_id=2)
     with pytest.raises(ValueError, match="config.cls_token_id is not set"):
         RMTForSequenceClassification(config)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = tiny_classifier("bert", backbone_overrides=no_dropout).train()
+    batch, labels = encode(random_documents([30, 12])), torch.tensor([1, 0])
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    assert any(getattr(module, "gradient_checkpointing", False) for module in model.backbone.modules())
+    checkpointed = gradients()
+    assert len(plain) == len(checkpointed)
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_mask_with_holes_keeps_only_the_real_tokens(bert_classifier):
+    documents = random_documents([20, 13])
+    batch = encode(documents)
+    holed = {key: torch.cat([value[:, :5], value[:, 5:6].clone(), value[:, 5:]], dim=1) for key, value in batch.items()}
+    holed["attention_mask"][:, 5] = 0  # a duplicated token hidden by the mask
+    with torch.no_grad():
+        torch.testing.assert_close(bert_classifier(**holed).logits, bert_classifier(**batch).logits)
+
+
+def test_loading_with_a_device_map(tmp_path, bert_classifier):
+    bert_classifier.save_pretrained(tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path, device_map="cpu")
+    batch = encode(random_documents([20]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, bert_classifier(**batch).logits)
