@@ -5,11 +5,14 @@ so that `save_pretrained` writes their code and `auto_map` beside the weights (l
 `trust_remote_code=True` where this package is not installed).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_rmt import RMTConfig
+from .generation import RMTGenerationCache
 from .memory import TokenMemory
 from .modeling_rmt import (
+    RMTCausalLMOutput,
+    RMTForCausalLM,
     RMTForSequenceClassification,
     RMTModel,
     RMTModelOutput,
@@ -20,15 +23,20 @@ from .modeling_rmt import (
 AutoConfig.register(RMTConfig.model_type, RMTConfig, exist_ok=True)
 AutoModel.register(RMTConfig, RMTModel, exist_ok=True)
 AutoModelForSequenceClassification.register(RMTConfig, RMTForSequenceClassification, exist_ok=True)
+AutoModelForCausalLM.register(RMTConfig, RMTForCausalLM, exist_ok=True)
 RMTConfig.register_for_auto_class()
 RMTModel.register_for_auto_class("AutoModel")
 RMTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+RMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
 __all__ = [
     "RMTConfig",
     "RMTModel",
     "RMTForSequenceClassification",
+    "RMTForCausalLM",
+    "RMTCausalLMOutput",
+    "RMTGenerationCache",
     "RMTModelOutput",
     "RMTPreTrainedModel",
     "RMTSequenceClassifierOutput",

@@ -7,16 +7,12 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
 
 # Encoder families whose `*ForSequenceClassification` heads read the first ([CLS]) position and whose
-# embeddings accept `inputs_embeds`. Value: how many position slots the family reserves before
-# position 0 (RoBERTa-style models start positions at `pad_token_id + 1`).
-ENCODER_FAMILIES: dict[str, int] = {
-    "bert": 0,
-    "distilbert": 0,
-    "electra": 0,
-    "roberta": 2,
-    "xlm-roberta": 2,
-    "camembert": 2,
-}
+# embeddings accept `inputs_embeds`.
+ENCODER_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta", "camembert")
+# RoBERTa-style models number positions from `pad_token_id + 1`.
+POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
+# Decoder families with a `*ForCausalLM` head whose base model takes `inputs_embeds` and `position_ids`.
+DECODER_FAMILIES = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral")
 MEMORY_TYPES = ("rmt",)  # "armt" (per-layer associative memory) plugs in here
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
@@ -26,13 +22,29 @@ AUTO_MAP = {
     "AutoConfig": "configuration_rmt.RMTConfig",
     "AutoModel": "modeling_rmt.RMTModel",
     "AutoModelForSequenceClassification": "modeling_rmt.RMTForSequenceClassification",
+    "AutoModelForCausalLM": "modeling_rmt.RMTForCausalLM",
 }
+
+
+def is_decoder_family(text_config: PreTrainedConfig) -> bool:
+    return text_config.model_type in DECODER_FAMILIES
 
 
 def backbone_position_limit(text_config: PreTrainedConfig) -> int:
     """Longest input (in tokens) the backbone's position embeddings can address."""
-    reserved = ENCODER_FAMILIES.get(text_config.model_type, 0)
-    return int(text_config.max_position_embeddings) - reserved
+    reserved = 0
+    if text_config.model_type in POSITIONS_AFTER_PAD:
+        reserved = (text_config.pad_token_id or 0) + 1
+    limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    return int(limit) - reserved
+
+
+def segment_overhead(text_config: PreTrainedConfig, num_mem_tokens: int) -> int:
+    """Positions a segment needs besides its content: encoders `[CLS] mem [SEP] ... [SEP]`,
+    decoders `[read mem] ... [write mem]`."""
+    if is_decoder_family(text_config):
+        return 2 * num_mem_tokens
+    return num_mem_tokens + ENCODER_SPECIAL_TOKENS
 
 
 def _as_backbone_config(text_config: Any) -> PreTrainedConfig:
@@ -103,17 +115,22 @@ class RMTConfig(PreTrainedConfig):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__post_init__(**kwargs)
         if labels_given:  # labels given here are pushed down to the backbone's head
-            self.text_config.id2label = dict(self.id2label)
-            self.text_config.label2id = dict(self.label2id)
+            self.sync_labels_to_backbone()
         self.validate_rmt()
 
     def validate_rmt(self) -> None:
         """Check every RMT setting against the backbone; raise ValueError naming the fix."""
         family = self.text_config.model_type
-        if family not in ENCODER_FAMILIES:
+        if family not in ENCODER_FAMILIES and family not in DECODER_FAMILIES:
             raise ValueError(
                 f"Backbone family {family!r} is not supported by RMT yet. Supported encoder families: "
-                f"{', '.join(sorted(ENCODER_FAMILIES))}."
+                f"{', '.join(sorted(ENCODER_FAMILIES))}; decoder families: {', '.join(sorted(DECODER_FAMILIES))}."
+            )
+        embedding_size = getattr(self.text_config, "embedding_size", None) or self.text_config.hidden_size
+        if embedding_size != self.text_config.hidden_size:
+            raise ValueError(
+                f"The {family} backbone embeds tokens in {embedding_size} dimensions but its layers output "
+                f"{self.text_config.hidden_size}; memory fed back as input needs embedding_size == hidden_size."
             )
         if self.memory_type not in MEMORY_TYPES:
             raise ValueError(f"Unknown memory_type {self.memory_type!r}; choose one of {MEMORY_TYPES}.")
@@ -134,22 +151,31 @@ class RMTConfig(PreTrainedConfig):
         limit = backbone_position_limit(self.text_config)
         needed = self.segment_input_length
         if needed > limit:
+            overhead = segment_overhead(self.text_config, self.num_mem_tokens)
             raise ValueError(
-                f"A segment needs {needed} positions (segment_size {self.segment_size} + num_mem_tokens "
-                f"{self.num_mem_tokens} + {ENCODER_SPECIAL_TOKENS} special tokens) but the {family} backbone "
-                f"addresses at most {limit}. Use segment_size <= "
-                f"{limit - self.num_mem_tokens - ENCODER_SPECIAL_TOKENS}."
+                f"A segment needs {needed} positions (segment_size {self.segment_size} + {overhead} for memory "
+                f"and special tokens) but the {family} backbone addresses at most {limit}. Use segment_size <= "
+                f"{limit - overhead}."
             )
         vocab = self.text_config.vocab_size
         for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
             value = getattr(self, name)
+            if isinstance(value, list):  # some decoder configs list several ids
+                value = value[0] if value else None
             if value is not None and not 0 <= value < vocab:
                 raise ValueError(f"{name}={value} is outside the backbone's vocabulary of {vocab} tokens.")
+
+    def sync_labels_to_backbone(self) -> None:
+        """Give the backbone's head this config's labels (they may be set after construction)."""
+        if self.text_config.id2label != self.id2label:
+            self.text_config.id2label = dict(self.id2label)
+            self.text_config.label2id = dict(self.label2id)
+        self.text_config.problem_type = self.problem_type
 
     @property
     def segment_input_length(self) -> int:
         """Positions one full segment occupies in the backbone."""
-        return self.segment_size + self.num_mem_tokens + ENCODER_SPECIAL_TOKENS
+        return self.segment_size + segment_overhead(self.text_config, self.num_mem_tokens)
 
 
 __all__ = ["RMTConfig"]

@@ -49,8 +49,11 @@ class TokenMemory(nn.Module):
         return state.index_copy(0, rows, new_state.to(state.dtype))
 
     @staticmethod
-    def detach(state: torch.Tensor) -> torch.Tensor:
-        return state.detach()
+    def detach(state: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Cut the gradient into `state` (only for the documents where `rows` is True, if given)."""
+        if rows is None or bool(rows.all()):
+            return state.detach()
+        return torch.where(rows[:, None, None], state.detach(), state)
 
     def check_state(self, state: torch.Tensor, batch_size: int) -> None:
         """Raise ValueError when a user-supplied state does not fit this memory."""

@@ -9,10 +9,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
-from .configuration_rmt import ENCODER_SPECIAL_TOKENS, RMTConfig, backbone_position_limit
+from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
+from .generation import RMTGenerationCache, RMTGenerationMixin, decode, decoder_segment_inputs, prefill
 from .memory import TokenMemory, build_memory
 from .segmenting import Segment, SegmentPlan, plan_segments
 
@@ -66,6 +74,33 @@ def _scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> 
     return full.index_copy(0, rows, values)
 
 
+class BaseModelHolder(nn.Module):
+    """Holds a base model under its own prefix (e.g. `bert`), so its weights keep the keys they have
+    inside a task model: checkpoints of RMTModel and of the task heads load into each other."""
+
+    def __init__(self, base_model: PreTrainedModel) -> None:
+        super().__init__()
+        self.prefix = base_model.base_model_prefix
+        self.add_module(self.prefix, base_model)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return getattr(self, self.prefix)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+
 class RMTPreTrainedModel(PreTrainedModel):
     """Shared machinery: building around a backbone, weight init and the segment recurrence."""
 
@@ -79,10 +114,14 @@ class RMTPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _backbone_auto_class: Any = AutoModel
+    _hold_base_model = False  # keep a base-model backbone under its prefix (see BaseModelHolder)
 
     def __init__(self, config: RMTConfig, backbone: PreTrainedModel | None = None) -> None:
-        if backbone is not None:
+        if backbone is not None:  # the backbone's head decides the labels
             config.text_config = backbone.config
+            config.id2label, config.label2id = dict(backbone.config.id2label), dict(backbone.config.label2id)
+        config.sync_labels_to_backbone()
+        config.validate_rmt()
         super().__init__(config)
         if backbone is None:
             backbone = self._backbone_auto_class.from_config(
@@ -92,22 +131,20 @@ class RMTPreTrainedModel(PreTrainedModel):
         # backbone left at None loses padding invariance on some versions.
         config.text_config._attn_implementation = backbone.config._attn_implementation or "sdpa"
         backbone.config = config.text_config
-        self.backbone = backbone
-        self.memory = build_memory(config.memory_type, config.num_mem_tokens, config.text_config.hidden_size)
         self._backbone_takes_token_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
-        for name in ("cls_token_id", "sep_token_id"):
-            if getattr(config, name) is None:
-                raise ValueError(
-                    f"config.{name} is not set; pass {name}=tokenizer.{name.removesuffix('_id')}_token_id "
-                    "(from_backbone reads it from the backbone's tokenizer)."
-                )
+        self.backbone = BaseModelHolder(backbone) if self._hold_base_model else backbone
+        self.memory = build_memory(config.memory_type, config.num_mem_tokens, config.text_config.hidden_size)
+        self._check_backbone(config)
         self.post_init()
+
+    def _check_backbone(self, config: RMTConfig) -> None:
+        """Raise ValueError when this head cannot run on the configured backbone."""
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, TokenMemory):
             std = getattr(self.config.text_config, "initializer_range", 0.02)
-            module.memory_tokens.normal_(mean=0.0, std=std)
+            init.normal_(module.memory_tokens, mean=0.0, std=std)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
@@ -142,7 +179,7 @@ class RMTPreTrainedModel(PreTrainedModel):
         for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
             config_kwargs.setdefault(name, getattr(tokenizer, name, None))
         if segment_size is None:
-            segment_size = backbone_position_limit(backbone.config) - num_mem_tokens - ENCODER_SPECIAL_TOKENS
+            segment_size = backbone_position_limit(backbone.config) - segment_overhead(backbone.config, num_mem_tokens)
         config = RMTConfig(
             text_config=backbone.config, num_mem_tokens=num_mem_tokens, segment_size=segment_size, **config_kwargs
         )
@@ -150,9 +187,11 @@ class RMTPreTrainedModel(PreTrainedModel):
         embeddings = model.get_input_embeddings().weight
         with torch.no_grad():  # memory starts at the scale of the pretrained token embeddings
             model.memory.memory_tokens.normal_(0.0, float(embeddings.float().std()))
-        return model.to(embeddings.dtype)
+        return model.to(device=embeddings.device, dtype=embeddings.dtype)
 
     # ----- the recurrence -------------------------------------------------------------------------
+
+    _alignment: str | None = None  # None: config.segment_alignment
 
     def _plan(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None
@@ -168,7 +207,8 @@ class RMTPreTrainedModel(PreTrainedModel):
             cls_token_id=config.cls_token_id,
             sep_token_id=config.sep_token_id,
             pad_token_id=config.pad_token_id,
-            alignment=config.segment_alignment,
+            alignment=self._alignment or config.segment_alignment,
+            padding_needs_mask=not is_decoder_family(config.text_config),
         )
         cap = config.max_n_segments
         if cap is not None and self.training and torch.is_grad_enabled() and plan.num_segments > cap:
@@ -183,19 +223,50 @@ class RMTPreTrainedModel(PreTrainedModel):
     ) -> Iterator[tuple[Segment, Any, torch.Tensor]]:
         """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
         memory, steps = self.memory, plan.num_segments
-        if memory_state is None:
-            state = memory.init_state(plan.batch_size)
-        else:
-            memory.check_state(memory_state, plan.batch_size)
-            state = memory_state
+        state = self._initial_state(plan.batch_size, memory_state)
+        first_step = plan.grid_offset // plan.segment_size
         for step in range(steps):
             segment = plan.segment(step)
-            if 0 <= self.config.bptt_depth <= steps - 1 - step:
-                state = memory.detach(state)  # truncated BPTT: no gradient beyond bptt_depth transitions
+            if 0 <= self.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
+                state = memory.detach(state, first_step <= step)  # of documents that have started
             current = memory.select(state, segment.rows)
             outputs, memory_outputs = self._process_segment(segment, memory.read(current), **backbone_kwargs)
             state = memory.update(state, segment.rows, memory.write(current, memory_outputs))
             yield segment, outputs, state
+
+    def _initial_state(self, batch_size: int, memory_state: torch.Tensor | None) -> torch.Tensor:
+        if memory_state is None:
+            return self.memory.init_state(batch_size)
+        self.memory.check_state(memory_state, batch_size)
+        return memory_state
+
+    def _read(self, plan: SegmentPlan, memory_state: torch.Tensor | None) -> torch.Tensor:
+        """The memory after reading every segment of `plan` (outputs are discarded)."""
+        final = self._initial_state(plan.batch_size, memory_state)
+        for _, _, state in self._segments(plan, final):
+            final = state
+        return final
+
+    def _process_segment(self, segment: Segment, memory_tokens: torch.Tensor, **backbone_kwargs: Any) -> tuple:
+        """Run one segment through the backbone; return (outputs, the states at the memory positions)."""
+        raise NotImplementedError
+
+
+class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
+    """Encoder RMT: every segment is `[CLS] memory [SEP] tokens [SEP]`."""
+
+    def _check_backbone(self, config: RMTConfig) -> None:
+        if is_decoder_family(config.text_config):
+            raise ValueError(
+                f"{type(self).__name__} needs an encoder backbone; {config.text_config.model_type!r} is a decoder: "
+                "use RMTForCausalLM."
+            )
+        for name in ("cls_token_id", "sep_token_id"):
+            if getattr(config, name) is None:
+                raise ValueError(
+                    f"config.{name} is not set; pass {name}=tokenizer.{name.removesuffix('_id')}_token_id "
+                    "(from_backbone reads it from the backbone's tokenizer)."
+                )
 
     def _process_segment(self, segment: Segment, memory_tokens: torch.Tensor, **backbone_kwargs: Any) -> tuple:
         """Run `[CLS] memory [SEP] tokens [SEP]` through the backbone; return (outputs, memory outputs)."""
@@ -219,8 +290,10 @@ class RMTPreTrainedModel(PreTrainedModel):
         return outputs, last_hidden[:, 1 : 1 + num_mem]
 
 
-class RMTModel(RMTPreTrainedModel):
+class RMTModel(RMTEncoderPreTrainedModel):
     """The memory-augmented backbone: hidden states of the final segment and the memory."""
+
+    _hold_base_model = True
 
     def forward(
         self,
@@ -245,7 +318,7 @@ class RMTModel(RMTPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
-class RMTForSequenceClassification(RMTPreTrainedModel):
+class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
     """Encoder RMT: memory carries each document through its segments; the backbone's own head
     classifies the final segment."""
 
@@ -268,18 +341,27 @@ class RMTForSequenceClassification(RMTPreTrainedModel):
         if labels is not None:
             self._check_labels(labels, plan.batch_size)
         mean_loss = labels is not None and self.config.segment_loss == "mean"
-        segment_logits, segment_states, segment_losses = [], [], []
+        segment_logits, segment_states = [], []
+        loss_sums = None
         for segment, outputs, state in self._segments(plan, memory_state, output_hidden_states=True):  # noqa: B007
             if output_segment_logits:
                 segment_logits.append(_scatter_rows(segment.rows, outputs.logits, plan.batch_size))
             if output_hidden_states:
                 segment_states.append(_scatter_rows(segment.rows, outputs.hidden_states[-1], plan.batch_size))
-            if mean_loss:
-                segment_losses.append(self.loss_function(labels[segment.rows], outputs.logits, self.config))
+            if mean_loss:  # each document's loss, summed over its segments
+                row_losses = torch.stack(
+                    [self.loss_function(labels[row : row + 1], outputs.logits[i : i + 1], self.config)
+                     for i, row in enumerate(segment.rows.tolist())]
+                )  # fmt: skip
+                loss_sums = row_losses.new_zeros(plan.batch_size) if loss_sums is None else loss_sums
+                loss_sums = loss_sums.index_add(0, segment.rows, row_losses)
         logits = outputs.logits  # every document is active at the last step, in batch order
         loss = None
         if labels is not None:
-            loss = torch.stack(segment_losses).mean() if mean_loss else self.loss_function(labels, logits, self.config)
+            if mean_loss:  # the mean over each document's segments, then over documents
+                loss = (loss_sums / plan.segments_per_document.to(loss_sums.dtype)).mean()
+            else:
+                loss = self.loss_function(labels, logits, self.config)
         output = RMTSequenceClassifierOutput(
             loss=loss,
             logits=logits,
@@ -291,17 +373,136 @@ class RMTForSequenceClassification(RMTPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
     def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
-        num_labels = self.config.num_labels
-        multi = self.config.problem_type == "multi_label_classification" or labels.is_floating_point()
-        allowed = {(batch_size,), (batch_size, 1)} if num_labels == 1 or not multi else set()
-        if multi:
-            allowed |= {(batch_size, num_labels)}
-        if tuple(labels.shape) not in allowed:
+        """Check labels against the problem type the loss will use (inferred as transformers does)."""
+        num_labels, shape = self.config.num_labels, tuple(labels.shape)
+        integer = not labels.is_floating_point()
+        problem = self.config.problem_type or (
+            "regression"
+            if num_labels == 1
+            else "single_label_classification"
+            if labels.dtype in (torch.long, torch.int)
+            else "multi_label_classification"
+        )
+        if problem == "single_label_classification":
+            valid, expected = integer and shape in {(batch_size,), (batch_size, 1)}, f"class indices ({batch_size},)"
+        elif problem == "multi_label_classification":
+            valid, expected = not integer and shape == (batch_size, num_labels), f"floats ({batch_size}, {num_labels})"
+        else:
+            shapes = {(batch_size,), (batch_size, 1)} if num_labels == 1 else {(batch_size, num_labels)}
+            valid, expected = not integer and shape in shapes, f"floats ({batch_size}, {num_labels})"
+        if not valid:
             raise ValueError(
-                f"labels have shape {tuple(labels.shape)} for a batch of {batch_size} documents; expected one of "
-                f"{sorted(allowed)} (one class index per document, or {num_labels} targets per document for "
-                "multi-label or regression)."
+                f"labels have shape {shape} and dtype {labels.dtype}; a {problem} head with {num_labels} labels "
+                f"expects {expected} for a batch of {batch_size} documents."
             )
 
 
-__all__ = ["RMTModel", "RMTForSequenceClassification", "RMTPreTrainedModel"]
+@dataclass
+class RMTCausalLMOutput(ModelOutput):
+    """Output of `RMTForCausalLM`.
+
+    loss: next-token cross-entropy over all segments, the shift crossing segment boundaries.
+    logits: `[batch, length, vocab]` in the input's layout (the last `logits_to_keep` positions if set).
+    memory_state: the memory after the final segment (while generating: the memory the current
+        segment reads).
+    past_key_values: the generation cache (`RMTGenerationCache`) when decoding.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    memory_state: torch.Tensor | None = None
+    past_key_values: RMTGenerationCache | None = None
+
+
+class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
+    """Decoder RMT: every segment is `[read memory] tokens [write memory]` under the backbone's causal
+    mask, positions restarting in each segment; next memory = last-layer states at the write positions."""
+
+    _backbone_auto_class = AutoModelForCausalLM
+    _alignment = "start"  # segments are cut from each document's first token
+
+    def _check_backbone(self, config: RMTConfig) -> None:
+        if not is_decoder_family(config.text_config):
+            raise ValueError(
+                f"RMTForCausalLM needs a decoder backbone; {config.text_config.model_type!r} is an encoder: "
+                "use RMTForSequenceClassification."
+            )
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_output_embeddings()(hidden)
+
+    def _process_segment(self, segment: Segment, memory_tokens: torch.Tensor, **backbone_kwargs: Any) -> tuple:
+        embedded = self.get_input_embeddings()(segment.input_ids)
+        counts = segment.attention_mask.sum(dim=1)
+        inputs_embeds, attention_mask, position_ids, write_index = decoder_segment_inputs(
+            embedded, counts, memory_tokens
+        )
+        hidden = self.backbone.base_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        num_mem, width = self.config.num_mem_tokens, embedded.shape[1]
+        written = hidden.gather(1, write_index[..., None].expand(-1, -1, hidden.shape[-1]))
+        return hidden[:, num_mem : num_mem + width], written
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        memory_state: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RMTCausalLMOutput | tuple:
+        if isinstance(past_key_values, RMTGenerationCache):  # decoding: continue the cached segments
+            logits = decode(self, past_key_values, input_ids)
+            output = RMTCausalLMOutput(logits=logits, memory_state=past_key_values.memory_state,
+                                       past_key_values=past_key_values)  # fmt: skip
+        elif use_cache and labels is None:  # the first call of generate(): read the prompt
+            logits, cache = prefill(self, input_ids, attention_mask, memory_state, past_key_values)
+            output = RMTCausalLMOutput(logits=logits, memory_state=cache.memory_state, past_key_values=cache)
+        else:
+            output = self._full_forward(input_ids, attention_mask, labels, memory_state, logits_to_keep, **kwargs)
+        return output if return_dict is not False else output.to_tuple()
+
+    def _full_forward(self, input_ids, attention_mask, labels, memory_state, logits_to_keep, **loss_kwargs):
+        plan = self._plan(input_ids, attention_mask, None)
+        if plan.compacted:
+            raise ValueError("The attention_mask has holes inside a document; pass contiguous documents.")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}; pass one label "
+                "per input token (-100 where no loss is wanted)."
+            )
+        if labels is not None and logits_to_keep:
+            raise ValueError("logits_to_keep keeps only the last logits; it cannot be combined with labels.")
+        length = input_ids.shape[1]
+        first_kept = length - logits_to_keep if logits_to_keep else 0
+        kept_rows, kept_columns, kept_hidden = [], [], []
+        for segment, token_hidden, state in self._segments(plan, memory_state):  # noqa: B007
+            width = token_hidden.shape[1]
+            columns = segment.first_column[:, None] + torch.arange(width, device=input_ids.device)
+            selected = segment.attention_mask.bool() & (columns >= first_kept)
+            kept_rows.append(segment.rows[:, None].expand(-1, width)[selected])
+            kept_columns.append(columns[selected] - first_kept)
+            kept_hidden.append(token_hidden[selected])
+        hidden = token_hidden.new_zeros((plan.batch_size, length - first_kept, token_hidden.shape[-1]))
+        hidden = hidden.index_put((torch.cat(kept_rows), torch.cat(kept_columns)), torch.cat(kept_hidden))
+        logits = self.lm_head_logits(hidden)
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
+        return RMTCausalLMOutput(loss=loss, logits=logits, memory_state=state)
+
+
+__all__ = ["RMTModel", "RMTForSequenceClassification", "RMTForCausalLM", "RMTPreTrainedModel"]

@@ -1,14 +1,15 @@
 """Split a batch of tokenized documents into aligned segments.
 
-Every document is tokenized once by the backbone's tokenizer (`[CLS] content [SEP]`, padded either
-side). The special tokens are stripped and the content is cut into segments of `segment_size`
-tokens. All documents end at the same step: a document needing fewer segments starts later and
-keeps its memory untouched until then.
+Every document is tokenized once by the backbone's tokenizer (`[CLS] content [SEP]` for encoders,
+plain tokens for decoders; padded either side). The outer special tokens are stripped and the
+content is cut into segments of `segment_size` tokens. For classification all documents end at the
+same step (a shorter one starts later and keeps its memory untouched until then); for language
+modelling all documents start together, each cut from its own first token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +19,7 @@ class Segment:
     """The content of one step for the documents that have tokens in it (its `rows`)."""
 
     rows: torch.Tensor  # [A] indices of the active documents in the batch
+    first_column: torch.Tensor  # [A] column of input_ids holding each row's first token of this segment
     input_ids: torch.Tensor  # [A, n] content left-packed, padded with pad_token_id
     attention_mask: torch.Tensor  # [A, n] 1 on content
     token_type_ids: torch.Tensor | None  # [A, n] or None
@@ -39,10 +41,11 @@ class SegmentPlan:
     segments_per_document: torch.Tensor  # [B]
     segment_size: int
     pad_token_id: int
+    compacted: bool = False  # the attention mask had holes: input_ids is a compacted copy
 
     @property
     def num_segments(self) -> int:
-        return int(self.segments_per_document.max())
+        return int(self.segments_per_document.max()) if self.segments_per_document.numel() else 0
 
     @property
     def batch_size(self) -> int:
@@ -50,9 +53,16 @@ class SegmentPlan:
 
     def active_mask(self) -> torch.Tensor:
         """[B, T] bool: which documents have content at each step."""
-        steps = torch.arange(self.num_segments, device=self.input_ids.device)
-        first_step = self.num_segments - self.segments_per_document
-        return steps[None, :] >= first_step[:, None]
+        steps = torch.arange(self.num_segments, device=self.input_ids.device)[None, :]
+        first_step = (self.grid_offset // self.segment_size)[:, None]
+        return (steps >= first_step) & (steps < first_step + self.segments_per_document[:, None])
+
+    def without_last_segments(self) -> SegmentPlan:
+        """The same documents minus each one's last segment (the rest of a prompt before generation).
+
+        Only for plans whose documents start together (alignment "start")."""
+        lengths = (self.segments_per_document - 1) * self.segment_size
+        return replace(self, lengths=lengths, segments_per_document=self.segments_per_document - 1)
 
     def segment(self, step: int) -> Segment:
         """The content of step `step`, left-packed, for the documents active at that step."""
@@ -64,11 +74,12 @@ class SegmentPlan:
         width = int(counts.max())
         columns = torch.arange(width, device=self.input_ids.device)
         mask = columns[None, :] < counts[:, None]
-        index = (self.content_start[rows] + begin[rows])[:, None] + columns[None, :]
+        index = (self.content_start[rows] + begin[rows])[:, None] + columns[None, :]  # in the compacted input
         index = torch.where(mask, index, self.content_start[rows, None])  # any valid column where masked
-        ids = self.input_ids[rows].gather(1, index).masked_fill(~mask, self.pad_token_id)
-        types = None if self.token_type_ids is None else self.token_type_ids[rows].gather(1, index) * mask
-        return Segment(rows=rows, input_ids=ids, attention_mask=mask.long(), token_type_ids=types)
+        ids = self.input_ids[rows[:, None], index].masked_fill(~mask, self.pad_token_id)
+        types = None if self.token_type_ids is None else self.token_type_ids[rows[:, None], index] * mask
+        first_column = self.content_start[rows] + begin[rows]
+        return Segment(rows, first_column, input_ids=ids, attention_mask=mask.long(), token_type_ids=types)
 
 
 def _compact(tensor: torch.Tensor | None, real: torch.Tensor, fill: int) -> torch.Tensor | None:
@@ -92,15 +103,17 @@ def plan_segments(
     sep_token_id: int | None,
     pad_token_id: int | None,
     alignment: str = "right",
+    padding_needs_mask: bool = True,
 ) -> SegmentPlan:
     """Strip the tokenizer's outer [CLS]/[SEP] and place every document's content on the segment grid.
 
-    Raises ValueError for inputs that cannot be segmented faithfully (see the messages).
+    `padding_needs_mask=False` accepts pad tokens without an attention mask (decoders whose pad token
+    is also their end-of-text token). Raises ValueError for inputs that cannot be segmented faithfully.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}.")
     if attention_mask is None:
-        if pad_token_id is not None and bool((input_ids == pad_token_id).any()):
+        if padding_needs_mask and pad_token_id is not None and bool((input_ids == pad_token_id).any()):
             raise ValueError(
                 "input_ids contain padding (pad_token_id) but no attention_mask was given; pass the "
                 "attention_mask the tokenizer returns so padding is not read as text."
@@ -124,6 +137,9 @@ def plan_segments(
         input_ids = _compact(input_ids, real, fill)
         token_type_ids = _compact(token_type_ids, real, 0)
         first, last = torch.zeros_like(first), count - 1
+        compacted = True
+    else:
+        compacted = False
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     has_cls = count > 0
     if cls_token_id is not None:
@@ -141,8 +157,16 @@ def plan_segments(
         )
     segments = (lengths + segment_size - 1) // segment_size
     total = int(segments.max()) * segment_size
-    # Documents end together on the last step; "right" pads a short first segment, "left" a short last one.
-    grid_offset = total - lengths if alignment == "right" else total - segments * segment_size
+    # "right"/"left": documents end together on the last step, with a short first ("right") or last
+    # ("left") segment. "start": documents start together, each with a short last segment.
+    if alignment == "right":
+        grid_offset = total - lengths
+    elif alignment == "left":
+        grid_offset = total - segments * segment_size
+    elif alignment == "start":
+        grid_offset = torch.zeros_like(lengths)
+    else:
+        raise ValueError(f"Unknown alignment {alignment!r}; choose 'right', 'left' or 'start'.")
     return SegmentPlan(
         input_ids=input_ids,
         token_type_ids=token_type_ids,
@@ -152,4 +176,5 @@ def plan_segments(
         segments_per_document=segments,
         segment_size=segment_size,
         pad_token_id=fill,
+        compacted=compacted,
     )

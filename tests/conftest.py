@@ -22,6 +22,9 @@ TINY_BACKBONES = {
     "bert": dict(num_hidden_layers=2, pad_token_id=PAD),
     "roberta": dict(num_hidden_layers=2, pad_token_id=PAD),
     "distilbert": dict(n_layers=2, dim=32, n_heads=2, hidden_dim=64, pad_token_id=PAD),
+    "electra": dict(num_hidden_layers=2, embedding_size=32, pad_token_id=PAD),
+    "xlm-roberta": dict(num_hidden_layers=2, pad_token_id=PAD),
+    "camembert": dict(num_hidden_layers=2, pad_token_id=PAD),
 }
 
 

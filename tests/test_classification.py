@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 
 from modeling_rmt import RMTConfig, RMTForSequenceClassification, RMTModel
 
-FAMILIES = ["bert", "roberta", "distilbert"]
+FAMILIES = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert"]
 LENGTHS = [3, 40, 17, 8, 26]  # 1 to 5 segments of 8 tokens
 
 
@@ -87,6 +87,24 @@ def test_bptt_depth_cuts_gradients_exactly(depth):
     assert model.memory.memory_tokens.grad is None  # the initial memory enters 5 transitions back
 
 
+@pytest.mark.parametrize("depth", [-1, 1])
+def test_batched_gradients_equal_each_document_alone(depth):
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = tiny_classifier("bert", bptt_depth=depth, backbone_overrides=no_dropout).train()
+    documents, labels = random_documents([40, 7]), torch.tensor([1, 0])
+
+    def gradients(batch, batch_labels, scale: float) -> list[torch.Tensor]:
+        model.zero_grad()
+        (model(**batch, labels=batch_labels).loss * scale).backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    batched = gradients(encode(documents), labels, 2.0)  # the loss is a mean over 2 documents
+    alone = [gradients(encode([doc]), labels[i : i + 1], 1.0) for i, doc in enumerate(documents)]
+    for together, first, second in zip(batched, *alone, strict=True):
+        torch.testing.assert_close(together, first + second, atol=1e-6, rtol=1e-4)
+    assert model.memory.memory_tokens.grad.abs().sum() > 0  # the short document reaches its initial memory
+
+
 def test_full_bptt_reaches_the_initial_memory_and_every_segment():
     model = tiny_classifier("bert").train()
     out = model(**encode(random_documents([40, 9])), labels=torch.tensor([0, 1]))
@@ -100,11 +118,12 @@ def test_loss_is_the_final_logits_cross_entropy_or_the_mean_over_segments():
     final = tiny_classifier("bert")(**batch, labels=labels, output_segment_logits=True)
     torch.testing.assert_close(final.loss, torch.nn.functional.cross_entropy(final.logits, labels))
     mean = tiny_classifier("bert", segment_loss="mean")(**batch, labels=labels, output_segment_logits=True)
-    per_step = [
-        torch.nn.functional.cross_entropy(mean.segment_logits[mask, step], labels[mask])
-        for step, mask in enumerate(mean.segments_mask.T)
+    per_document = [  # each document's mean over its own segments, so short documents weigh as much
+        torch.nn.functional.cross_entropy(mean.segment_logits[i][mask], labels[i].expand(int(mask.sum())))
+        for i, mask in enumerate(mean.segments_mask)
     ]
-    torch.testing.assert_close(mean.loss, torch.stack(per_step).mean())
+    assert mean.segments_mask.sum(1).tolist() == [1, 3]
+    torch.testing.assert_close(mean.loss, torch.stack(per_document).mean())
 
 
 def test_save_and_load_give_identical_logits(tmp_path, bert_classifier):
@@ -117,6 +136,15 @@ def test_save_and_load_give_identical_logits(tmp_path, bert_classifier):
         torch.testing.assert_close(loaded(**batch).logits, bert_classifier(**batch).logits, atol=0, rtol=0)
     base = AutoModel.from_pretrained(tmp_path)
     assert isinstance(base, RMTModel)
+    # The base model keeps the classifier's backbone weights (same keys), and back again.
+    classifier_weights = bert_classifier.backbone.bert.state_dict()
+    for key, value in base.backbone.bert.state_dict().items():
+        assert torch.equal(value, classifier_weights[key]), key
+    assert torch.equal(base.memory.memory_tokens, bert_classifier.memory.memory_tokens)
+    base.save_pretrained(tmp_path / "base")
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    for key, value in again.backbone.bert.state_dict().items():
+        assert torch.equal(value, classifier_weights[key]), key
 
 
 def test_base_model_returns_final_hidden_states_and_memory():
@@ -138,7 +166,10 @@ def test_bf16_weights_and_memory(tmp_path, bert_classifier):
     assert out.logits.dtype == torch.bfloat16 and out.memory_state.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("labels", [torch.tensor([1, 0, 1]), torch.tensor([[1, 0]]), torch.zeros(2, 5)])
+@pytest.mark.parametrize(
+    "labels",
+    [torch.tensor([1, 0, 1]), torch.tensor([[1, 0]]), torch.zeros(2, 5), torch.tensor([[1, 0], [0, 1]])],
+)
 def test_labels_of_the_wrong_shape_are_rejected(bert_classifier, labels):
     with pytest.raises(ValueError, match="labels have shape"):
         bert_classifier(**encode(random_documents([5, 20])), labels=labels)

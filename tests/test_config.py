@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import tiny_backbone_config, tiny_rmt_config
-from transformers import AutoConfig, GPT2Config
+from transformers import AutoConfig, BartConfig
 
 from modeling_rmt import RMTConfig
 
@@ -60,15 +60,20 @@ def test_invalid_values_raise_clear_errors(kwargs, message):
 def test_segment_too_long_error_names_the_largest_segment_that_fits():
     with pytest.raises(ValueError, match=r"Use segment_size <= 58"):
         tiny_rmt_config("bert", segment_size=59)
-    # RoBERTa reserves two positions before position 0
+    # RoBERTa numbers positions from pad_token_id + 1: two reserved with its real pad id 1
     with pytest.raises(ValueError, match=r"Use segment_size <= 56"):
-        tiny_rmt_config("roberta", segment_size=57)
-    assert tiny_rmt_config("roberta", segment_size=56).segment_input_length == 62
+        tiny_rmt_config("roberta", segment_size=57, backbone_overrides={"pad_token_id": 1})
+    assert tiny_rmt_config("roberta", segment_size=57).segment_input_length == 63  # pad id 0: one reserved
+
+
+def test_electra_with_narrower_embeddings_is_rejected():
+    with pytest.raises(ValueError, match="embedding_size == hidden_size"):
+        tiny_rmt_config("electra", backbone_overrides={"embedding_size": 16})
 
 
 def test_unsupported_backbone_family_is_rejected():
-    with pytest.raises(ValueError, match="Backbone family 'gpt2' is not supported"):
-        RMTConfig(text_config=GPT2Config(n_layer=1), cls_token_id=1, sep_token_id=2)
+    with pytest.raises(ValueError, match="Backbone family 'bart' is not supported"):
+        RMTConfig(text_config=BartConfig(encoder_layers=1, decoder_layers=1), cls_token_id=1, sep_token_id=2)
 
 
 def test_text_config_dict_needs_a_model_type():

@@ -3,6 +3,7 @@ imported, offline, through the Auto classes and `pipeline`, and gives the in-pro
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from modeling_rmt.tools.backbones import minilm_path
 from modeling_rmt.tools.demo import synthetic_document
 
 HUB_FILES = {"config.json", "model.safetensors", "configuration_rmt.py", "modeling_rmt.py", "memory.py",
-             "segmenting.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+             "segmenting.py", "generation.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 FRESH_PROCESS = textwrap.dedent(
@@ -94,14 +95,19 @@ def test_saved_folder_holds_code_auto_map_and_a_long_document_tokenizer(saved_tw
         "AutoConfig": "configuration_rmt.RMTConfig",
         "AutoModel": "modeling_rmt.RMTModel",
         "AutoModelForSequenceClassification": "modeling_rmt.RMTForSequenceClassification",
+        "AutoModelForCausalLM": "modeling_rmt.RMTForCausalLM",
     }
-    hub_sources = [saved_twice / name for name in HUB_FILES if name.endswith(".py")]
-    for source in hub_sources:
-        for line in source.read_text().splitlines():
-            if line.startswith(("import ", "from ")):
-                module = line.split()[1]
-                assert module.startswith((".", "torch", "transformers", "__future__", "collections", "dataclasses",
-                                          "typing", "inspect")), f"{source.name}: {line}"  # fmt: skip
+    allowed = ("torch", "transformers", "__future__", "collections", "dataclasses", "typing", "inspect")
+    for source in (saved_twice / name for name in HUB_FILES if name.endswith(".py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = ["." if node.level else node.module]
+            else:
+                continue
+            for module in modules:  # relative imports of siblings, or torch / transformers / stdlib
+                assert module == "." or module.split(".")[0] in allowed, f"{source.name} imports {module}"
     assert AutoTokenizer.from_pretrained(saved_twice).model_max_length == LONG_DOCUMENT_TOKENS
 
 

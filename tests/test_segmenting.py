@@ -32,7 +32,7 @@ def contents_by_document(segment_plan):
 @given(
     lengths=st.lists(st.integers(1, 30), min_size=1, max_size=4),
     segment_size=st.integers(1, 9),
-    alignment=st.sampled_from(["right", "left"]),
+    alignment=st.sampled_from(["right", "left", "start"]),
     padding_side=st.sampled_from(["right", "left"]),
 )
 def test_segments_reassemble_each_document_and_end_together(lengths, segment_size, alignment, padding_side):
@@ -46,8 +46,13 @@ def test_segments_reassemble_each_document_and_end_together(lengths, segment_siz
         full = sizes[1:] if alignment == "right" else sizes[:-1]
         assert all(size == segment_size for size in full)
     active = segment_plan.active_mask()
-    assert active[:, -1].all(), "every document's last segment is at the last step"
+    if alignment == "start":
+        assert active[:, 0].all(), "every document starts at the first step"
+    else:
+        assert active[:, -1].all(), "every document's last segment is at the last step"
     assert (active.sum(1) == segment_plan.segments_per_document).all()
+    for step in range(segment_plan.num_segments):  # the rows of each step are the active documents
+        assert segment_plan.segment(step).rows.tolist() == active[:, step].nonzero().flatten().tolist()
 
 
 def test_right_alignment_pads_the_first_segment_and_keeps_token_types():
