@@ -141,13 +141,13 @@ def plan_segments(
     else:
         compacted = False
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    has_cls = count > 0
+    has_cls = torch.zeros_like(count, dtype=torch.bool)
     if cls_token_id is not None:
-        has_cls &= input_ids[rows, first] == cls_token_id
+        has_cls = (count > 0) & (input_ids[rows, first] == cls_token_id)
     content_start = first + has_cls.long()
-    has_sep = last >= content_start
+    has_sep = torch.zeros_like(has_cls)
     if sep_token_id is not None:
-        has_sep &= input_ids[rows, last] == sep_token_id
+        has_sep = (last >= content_start) & (input_ids[rows, last] == sep_token_id)
     lengths = (last + 1 - has_sep.long() - content_start).clamp(min=0) * (count > 0)
     if bool((lengths == 0).any()):
         empty = (lengths == 0).nonzero().flatten().tolist()
