@@ -67,3 +67,16 @@ def random_documents(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
 @pytest.fixture
 def bert_classifier() -> RMTForSequenceClassification:
     return tiny_classifier("bert")
+
+
+def word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer over `w3 .. w{vocab_size-1}` (ids 0-2: pad, bos, eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", padding_side="left"
+    )

@@ -139,3 +139,49 @@ def test_fresh_offline_process_loads_remote_code_from_the_hub_cache(saved_twice,
     local = pipeline("text-classification", model=model, tokenizer=tokenizer)(text, top_k=None)
     assert {s["label"]: s["score"] for s in local} == pytest.approx(expected, abs=1e-6)
     assert remote["scores"] == pytest.approx(expected, abs=1e-5)
+
+
+FRESH_GENERATION = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class NoLocalPackage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_rmt", "conversion"):
+                raise ModuleNotFoundError(f"{name} is blocked in this process")
+
+    sys.meta_path.insert(0, NoLocalPackage())
+    from transformers import AutoModelForCausalLM, pipeline
+
+    repo, prompt = sys.argv[1:3]
+    generator = pipeline("text-generation", model=repo, trust_remote_code=True)
+    text = generator(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)
+    print(json.dumps({"text": text, "class": type(model).__name__, "module": type(model).__module__}))
+    """
+)
+
+
+def test_fresh_offline_process_generates_with_the_causal_lm_from_the_hub_cache(tmp_path):
+    from conftest import word_tokenizer
+    from test_causal_lm import VOCAB, prompts, tiny_lm
+
+    model, tokenizer = tiny_lm("llama"), word_tokenizer(VOCAB)
+    folder = tmp_path / "rmt-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompt = " ".join(f"w{i}" for i in prompts([13])[0].tolist())  # three segments of 5 and a partial one
+    with torch.no_grad():
+        ids = tokenizer(prompt, return_tensors="pt")
+        expected = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.input_ids.shape[1] :]
+    cache = tmp_path / "hub"
+    hub_cache_layout(folder, cache, "org/rmt-llama")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "TRANSFORMERS_CACHE")}
+    env.update(HF_HUB_CACHE=str(cache), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", FRESH_GENERATION, "org/rmt-llama", prompt], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["class"] == "RMTForCausalLM" and remote["module"].startswith("transformers_modules")
+    assert remote["text"].split() == tokenizer.decode(expected, skip_special_tokens=True).split()
+    assert len(remote["text"].split()) >= 6
