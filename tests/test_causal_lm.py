@@ -184,3 +184,48 @@ def test_clear_errors_for_bad_input():
         RMTForCausalLM(RMTConfig(text_config=AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1,
                                                                   num_attention_heads=2, intermediate_size=32),
                                  num_mem_tokens=2, segment_size=8, cls_token_id=1, sep_token_id=2))  # fmt: skip
+
+
+def recall_batch(size: int, generator: torch.Generator) -> torch.Tensor:
+    """`key value` opens segment 1, filler fills it and segment 2, segment 3 asks `QUERY key` -> value."""
+    keys = torch.randint(3, 11, (size, 1), generator=generator)
+    values = torch.randint(11, 19, (size, 1), generator=generator)
+    filler = torch.randint(19, VOCAB, (size, 2 * RECALL_SEGMENT - 2), generator=generator)
+    return torch.cat([keys, values, filler, torch.full((size, 1), 2), keys, values], dim=1)
+
+
+RECALL_SEGMENT = 8
+
+
+def train_recall(model, window: int | None, steps: int = 300) -> float:
+    """Train on the answer token only; return greedy `generate()` accuracy on held-out sequences."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        ids = recall_batch(64, generator)[:, -(window or 0) :]
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    test = recall_batch(256, torch.Generator().manual_seed(1))
+    prompt = test[:, :-1][:, -(window - 1) :] if window else test[:, :-1]
+    with torch.no_grad():
+        answer = model.generate(input_ids=prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)[:, -1]
+    return (answer == test[:, -1]).float().mean().item()
+
+
+def test_trained_rmt_recalls_a_pair_from_two_segments_back_where_the_bare_backbone_cannot():
+    torch.manual_seed(0)
+    text_config = AutoConfig.for_model("llama", vocab_size=VOCAB, **DECODERS["llama"], **TOKENS)
+    rmt = RMTForCausalLM(RMTConfig(text_config=text_config, num_mem_tokens=4, segment_size=RECALL_SEGMENT))
+    torch.manual_seed(0)
+    bare = AutoModelForCausalLM.from_config(text_config)
+    window = RECALL_SEGMENT + 2 * 4  # the bare backbone gets as many positions as one RMT segment
+    assert recall_batch(1, torch.Generator()).shape[1] > window + 1  # the fact lies outside its window
+    rmt_accuracy, bare_accuracy = train_recall(rmt, None), train_recall(bare, window)
+    assert rmt_accuracy >= 0.9
+    assert bare_accuracy <= 0.3  # chance is 1/8: without memory the value is gone

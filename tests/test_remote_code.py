@@ -173,7 +173,9 @@ def test_fresh_offline_process_generates_with_the_causal_lm_from_the_hub_cache(t
     prompt = " ".join(f"w{i}" for i in prompts([13])[0].tolist())  # three segments of 5 and a partial one
     with torch.no_grad():
         ids = tokenizer(prompt, return_tensors="pt")
-        expected = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.input_ids.shape[1] :]
+        expected = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[
+            0, ids.input_ids.shape[1] :
+        ]
     cache = tmp_path / "hub"
     hub_cache_layout(folder, cache, "org/rmt-llama")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "TRANSFORMERS_CACHE")}

@@ -1,0 +1,51 @@
+"""CUDA checks: memory follows the backbone's device and dtype, generation crosses boundaries on the GPU.
+
+Marked `gpu` and skipped without CUDA. Run on a GPU machine with `python -m pytest -m gpu tests/test_gpu.py`
+(the marker is not excluded by default, so they also run in a plain `pytest` there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import encode, random_documents, tiny_classifier
+from test_causal_lm import generate, prompts, tiny_lm
+from transformers import AutoModelForCausalLM
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_classifier_memory_follows_the_backbone_device_and_dtype(dtype):
+    model = tiny_classifier("bert").to(device="cuda", dtype=dtype)
+    batch = {k: v.cuda() for k, v in encode(random_documents([5, 30])).items()}
+    with torch.no_grad():
+        out = model(**batch)
+        alone = model(**{k: v[1:] for k, v in batch.items()})
+    assert out.memory_state.device.type == "cuda" and out.memory_state.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.logits[1:], alone.logits, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generation_on_the_gpu_equals_the_full_forward(dtype):
+    model = tiny_lm("llama").to(device="cuda", dtype=dtype)
+    prompt = prompts([17])[0][None].cuda()
+    out = generate(model, {"input_ids": prompt}, 16)
+    with torch.no_grad():
+        full = model(input_ids=out.sequences).logits
+    tolerance = 2e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 16:-1], atol=tolerance, rtol=tolerance)
+
+
+def test_device_map_auto_and_sdpa(tmp_path):
+    tiny_lm("gpt2").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", attn_implementation="sdpa")
+    assert model.memory.memory_tokens.device.type == "cuda"
+    assert model.config.text_config._attn_implementation == "sdpa"
+    prompt = prompts([12])[0][None].to(model.device)
+    out = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 24)
