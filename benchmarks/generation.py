@@ -120,9 +120,11 @@ def main() -> None:
         synchronize(args.device)
         prefill_seconds = time.perf_counter() - start
 
-    # New token i (0-based) opens a fresh segment when the tokens before it fill the current one.
-    first_fill = args.segment - (args.prompt_tokens - 1) % args.segment - 1
-    boundary_steps = [i for i in range(1, len(latencies)) if (i - first_fill) % args.segment == 0 and i >= first_fill]
+    # The step producing new token i appends token i - 1; it crosses a boundary when the current
+    # segment is full. After the prompt the last segment holds `filled` tokens.
+    filled = args.prompt_tokens - (-(-args.prompt_tokens // args.segment) - 1) * args.segment
+    first_crossing = args.segment - filled + 1
+    boundary_steps = [i for i in range(first_crossing, len(latencies), args.segment)]
     inner = [lat for i, lat in enumerate(latencies) if i not in boundary_steps and i > 0]
     report = {
         "benchmark": "generation",
@@ -139,6 +141,8 @@ def main() -> None:
             "p50": 1e3 * percentile(inner, 0.5),
             "p99": 1e3 * percentile(inner, 0.99),
             "boundary_mean": 1e3 * statistics.mean(latencies[i] for i in boundary_steps) if boundary_steps else None,
+            "boundary_max": 1e3 * max(latencies[i] for i in boundary_steps) if boundary_steps else None,
+            "all_p99": 1e3 * percentile(latencies[1:], 0.99),
             "boundary_steps": len(boundary_steps),
         },
         "prefill_tokens": args.prefill_tokens,
