@@ -4,7 +4,8 @@
 
 The folder holds the config (with `auto_map`), the model code, safetensors weights and the
 backbone's tokenizer with `model_max_length` raised for long documents, so it loads with
-`AutoModelForSequenceClassification.from_pretrained(OUTPUT_DIR, trust_remote_code=True)`.
+`AutoModelForSequenceClassification.from_pretrained(OUTPUT_DIR, trust_remote_code=True)` (or
+`AutoModelForCausalLM` with `--head causal-lm` on a decoder backbone).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from modeling_rmt import RMTForSequenceClassification, RMTModel
+from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification, RMTModel
+
+HEADS = {"sequence-classification": RMTForSequenceClassification, "causal-lm": RMTForCausalLM, "base": RMTModel}
 
 # Longest document the saved tokenizer accepts without warning; RMT itself has no length limit.
 LONG_DOCUMENT_TOKENS = 2**24
@@ -36,7 +39,7 @@ def convert_backbone(
     **rmt_kwargs: Any,
 ) -> Path:
     """Wrap `backbone` with memory and save model, code and tokenizer to `output_dir`."""
-    model_class = {"sequence-classification": RMTForSequenceClassification, "base": RMTModel}[head]
+    model_class = HEADS[head]
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     model = model_class.from_backbone(backbone, tokenizer=tokenizer, **rmt_kwargs)
     output_dir = Path(output_dir)
@@ -47,9 +50,9 @@ def convert_backbone(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("backbone", help="a model id or folder of a supported encoder (bert, roberta, ...)")
+    parser.add_argument("backbone", help="a model id or folder of a supported encoder or decoder")
     parser.add_argument("output_dir")
-    parser.add_argument("--head", choices=["sequence-classification", "base"], default="sequence-classification")
+    parser.add_argument("--head", choices=list(HEADS), default="sequence-classification")
     parser.add_argument("--num-labels", type=int, default=2)
     parser.add_argument("--num-mem-tokens", type=int, default=10)
     parser.add_argument("--segment-size", type=int, default=None, help="default: the most that fits")

@@ -229,3 +229,42 @@ def test_trained_rmt_recalls_a_pair_from_two_segments_back_where_the_bare_backbo
     rmt_accuracy, bare_accuracy = train_recall(rmt, None), train_recall(bare, window)
     assert rmt_accuracy >= 0.9
     assert bare_accuracy <= 0.3  # chance is 1/8: without memory the value is gone
+
+
+def test_conversion_of_a_decoder_backbone_keeps_its_weights(tmp_path):
+    from conftest import word_tokenizer
+
+    from conversion.from_backbone import main as convert
+
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", vocab_size=VOCAB, **DECODERS["llama"]))
+    backbone.save_pretrained(tmp_path / "backbone")
+    word_tokenizer(VOCAB).save_pretrained(tmp_path / "backbone")
+    convert([str(tmp_path / "backbone"), str(tmp_path / "rmt"), "--head", "causal-lm", "--num-mem-tokens", "4"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rmt")
+    assert isinstance(model, RMTForCausalLM)
+    assert model.config.segment_size == 64 - 2 * 4 and model.config.pad_token_id == 0
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("batch_size, accumulation", [(2, 4)])
+def test_trainer_gradient_accumulation_keeps_the_token_loss_scale(tmp_path, batch_size, accumulation):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.cat([recall_batch(8, torch.Generator().manual_seed(3))[:, :12], torch.zeros(8, 4, dtype=torch.long)], 1)
+    mask = (torch.arange(16) < 12).long().expand(8, -1).clone()
+    mask[::2, 9:] = 0  # documents of different lengths: the token count differs between micro-batches
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": ids.tolist()})
+
+    def first_loss(batch: int, steps: int) -> float:
+        model = tiny_lm("llama").train()
+        args = TrainingArguments(output_dir=str(tmp_path / f"{batch}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=steps, max_steps=1, logging_steps=1, report_to=[],
+                                 use_cpu=True, save_strategy="no", disable_tqdm=True, learning_rate=0.0)  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+
+    assert first_loss(batch_size, accumulation) == pytest.approx(first_loss(8, 1), rel=1e-4)
