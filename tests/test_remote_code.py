@@ -25,7 +25,8 @@ HUB_FILES = {"config.json", "model.safetensors", "configuration_rmt.py", "modeli
              "segmenting.py", "generation.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-FRESH_PROCESS = textwrap.dedent(
+# A fresh process in which the project's packages cannot be imported, whatever is installed.
+NO_LOCAL_PACKAGE = textwrap.dedent(
     """
     import importlib.abc, json, sys
 
@@ -35,7 +36,10 @@ FRESH_PROCESS = textwrap.dedent(
                 raise ModuleNotFoundError(f"{name} is blocked in this process")
 
     sys.meta_path.insert(0, NoLocalPackage())
-    import torch
+    """
+)
+FRESH_PROCESS = NO_LOCAL_PACKAGE + textwrap.dedent(
+    """    import torch
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     repo, text_file, resave = sys.argv[1:4]
@@ -72,6 +76,14 @@ def hub_cache_layout(folder: Path, cache: Path, repo_id: str) -> None:
     shutil.copytree(folder, repo_dir / "snapshots" / COMMIT)
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(COMMIT)
+
+
+def run_offline(script: str, args: list[str], cache: Path, folder: Path) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh offline Python reading the Hub cache at `cache`, from `folder`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "TRANSFORMERS_CACHE")}
+    env.update(HF_HUB_CACHE=str(cache), HF_MODULES_CACHE=str(folder / "modules"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +130,7 @@ def test_fresh_offline_process_loads_remote_code_from_the_hub_cache(saved_twice,
     text = synthetic_document(20_000, tokenizer, seed=3)
     text_file = tmp_path / "document.txt"
     text_file.write_text(text)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "TRANSFORMERS_CACHE")}
-    env.update(HF_HUB_CACHE=str(cache), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, "org/rmt-bert", str(text_file), str(tmp_path / "resaved")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_offline(FRESH_PROCESS, ["org/rmt-bert", str(text_file), str(tmp_path / "resaved")], cache, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["classes"] == ["RMTForSequenceClassification", "RMTModel", "RMTForSequenceClassification"]
@@ -141,17 +148,8 @@ def test_fresh_offline_process_loads_remote_code_from_the_hub_cache(saved_twice,
     assert remote["scores"] == pytest.approx(expected, abs=1e-5)
 
 
-FRESH_GENERATION = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class NoLocalPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_rmt", "conversion"):
-                raise ModuleNotFoundError(f"{name} is blocked in this process")
-
-    sys.meta_path.insert(0, NoLocalPackage())
-    from transformers import AutoModelForCausalLM, pipeline
+FRESH_GENERATION = NO_LOCAL_PACKAGE + textwrap.dedent(
+    """    from transformers import AutoModelForCausalLM, pipeline
 
     repo, prompt = sys.argv[1:3]
     generator = pipeline("text-generation", model=repo, trust_remote_code=True)
@@ -178,10 +176,7 @@ def test_fresh_offline_process_generates_with_the_causal_lm_from_the_hub_cache(t
         ]
     cache = tmp_path / "hub"
     hub_cache_layout(folder, cache, "org/rmt-llama")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_HOME", "TRANSFORMERS_CACHE")}
-    env.update(HF_HUB_CACHE=str(cache), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-c", FRESH_GENERATION, "org/rmt-llama", prompt], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = run_offline(FRESH_GENERATION, ["org/rmt-llama", prompt], cache, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     assert remote["class"] == "RMTForCausalLM" and remote["module"].startswith("transformers_modules")
