@@ -69,13 +69,10 @@ class RMTGenerationCache:
         return self.key_values.get_seq_length(layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Follow the beams. Beams only move within their prompt's group, and the beams of one prompt
+        share its segment phase, so the bookkeeping of filled tokens and valid columns stays as it is."""
         self.key_values.reorder_cache(beam_idx)
         self.memory_state = self.memory_state.index_select(0, beam_idx.to(self.memory_state.device))
-        self.valid_on_device = self.valid_on_device.index_select(0, beam_idx.to(self.valid_on_device.device))
-        self.filled_on_device = self.filled_on_device.index_select(0, beam_idx.to(self.filled_on_device.device))
-        order = beam_idx.tolist()  # beams share their segment phase: only the order matters
-        self.filled = [self.filled[i] for i in order]
-        self.valid = self.valid[order]
 
     def append(self, model: Any, inputs_embeds: torch.Tensor, new_valid: torch.Tensor, positions: torch.Tensor):
         """Run new columns through the backbone on top of the cache; return their last hidden states."""

@@ -95,6 +95,17 @@ def test_beam_search_scores_match_the_full_forward_across_boundaries():
     assert len({tuple(s) for s in new.tolist()}) == 3
 
 
+def test_beam_search_on_a_batch_of_prompts_equals_each_prompt_alone():
+    model = tiny_lm("llama")
+    batch_prompts = prompts([13, 6], seed=4)
+    beams = dict(num_beams=3, max_new_tokens=11, min_new_tokens=11, do_sample=False, pad_token_id=0)
+    batched = model.generate(**left_pad(batch_prompts), **beams)
+    width = max(len(p) for p in batch_prompts)
+    for i, prompt in enumerate(batch_prompts):
+        alone = model.generate(input_ids=prompt[None], **beams)
+        assert torch.equal(batched[i, width:], alone[0, len(prompt) :])
+
+
 def test_sampling_crosses_boundaries_with_the_right_memory():
     model = tiny_lm("gpt_neox")
     torch.manual_seed(1)
