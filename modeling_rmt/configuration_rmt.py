@@ -132,6 +132,13 @@ class RMTConfig(PreTrainedConfig):
                 f"The {family} backbone embeds tokens in {embedding_size} dimensions but its layers output "
                 f"{self.text_config.hidden_size}; memory fed back as input needs embedding_size == hidden_size."
             )
+        window = getattr(self.text_config, "sliding_window", None) if is_decoder_family(self.text_config) else None
+        if window is not None:
+            raise ValueError(
+                f"The {family} backbone uses sliding-window attention (sliding_window={window}), which RMT does "
+                "not support yet. Set text_config.sliding_window=None: exact whenever a segment "
+                f"({self.segment_size} + 2 x {self.num_mem_tokens} memory tokens) fits the window."
+            )
         if self.memory_type not in MEMORY_TYPES:
             raise ValueError(f"Unknown memory_type {self.memory_type!r}; choose one of {MEMORY_TYPES}.")
         if not isinstance(self.num_mem_tokens, int) or self.num_mem_tokens < 1:

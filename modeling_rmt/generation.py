@@ -7,8 +7,9 @@ cached segment, its last-layer states become the new memory, and the row starts 
 `[read memory] token` while its old columns are masked out and later dropped from the cache. Rows
 of a batch cross boundaries at different steps; each row only ever sees its own current segment, so
 batched decoding equals decoding each prompt alone. Boundaries are known in advance (every row
-gains one token per step), so they are tracked on the host and the decode step adds no
-host-device synchronisation.
+gains one token per step), so they are tracked on the host as well as on the device: an ordinary
+decode step adds no host-device synchronisation, and a boundary step only sends the (pinned) index
+of the cache columns it keeps.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class RMTGenerationCache:
     """
 
     is_compileable = False
+    is_croppable = False
 
     def __init__(
         self,
@@ -74,15 +76,22 @@ class RMTGenerationCache:
         self.key_values.reorder_cache(beam_idx)
         self.memory_state = self.memory_state.index_select(0, beam_idx.to(self.memory_state.device))
 
-    def append(self, model: Any, inputs_embeds: torch.Tensor, new_valid: torch.Tensor, positions: torch.Tensor):
-        """Run new columns through the backbone on top of the cache; return their last hidden states."""
-        device = inputs_embeds.device
+    def append(
+        self,
+        model: Any,
+        inputs_embeds: torch.Tensor,
+        new_valid: torch.Tensor,
+        positions: torch.Tensor,
+        new_valid_on_device: torch.Tensor | None = None,
+    ):
+        """Run new columns through the backbone on top of the cache; return their last hidden states.
+
+        `new_valid` (host) says which rows attend to the new columns; pass its device copy too when it
+        is not all True, so that no copy has to wait for the device."""
         self.valid = torch.cat([self.valid, new_valid], dim=1)
-        if bool(new_valid.all()):
-            appended = torch.ones(new_valid.shape, dtype=torch.bool, device=device)
-        else:
-            appended = new_valid.to(device)
-        self.valid_on_device = torch.cat([self.valid_on_device, appended], dim=1)
+        if new_valid_on_device is None:
+            new_valid_on_device = torch.ones(new_valid.shape, dtype=torch.bool, device=inputs_embeds.device)
+        self.valid_on_device = torch.cat([self.valid_on_device, new_valid_on_device], dim=1)
         outputs = model.backbone.base_model(
             inputs_embeds=inputs_embeds,
             attention_mask=self.valid_on_device.long(),
@@ -99,7 +108,8 @@ class RMTGenerationCache:
             return
         index = keep.nonzero().squeeze(1)
         self.valid = self.valid[:, index]
-        index = index.to(self.valid_on_device.device)
+        device = self.valid_on_device.device
+        index = (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
         self.valid_on_device = self.valid_on_device.index_select(1, index)
         for layer in self.key_values.layers:
             layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
@@ -131,11 +141,16 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         1, offset.clamp(0, num_mem - 1)[..., None].expand(-1, -1, embeds.shape[-1])
     )
     embeds = torch.where(is_token[..., None], embeds, memory_rows)
-    valid = (offset >= 0).cpu()
-    if key_values is None or key_values.get_seq_length() > 0:
-        key_values = DynamicCache()
+    valid_on_device = offset >= 0
+    valid = valid_on_device.cpu()
+    if key_values is not None and (type(key_values) is not DynamicCache or key_values.get_seq_length() > 0):
+        raise ValueError(
+            f"RMTForCausalLM keeps its own decoding cache; got a {type(key_values).__name__}. Do not pass "
+            "past_key_values or cache_implementation (continue a document with memory_state instead)."
+        )
+    key_values = DynamicCache()  # plain layers: finished segments are dropped column by column
     cache = RMTGenerationCache(key_values, state, filled, valid[:, :0], input_ids.shape[1], config.segment_size)
-    hidden = cache.append(model, embeds, valid, offset.clamp(min=0))
+    hidden = cache.append(model, embeds, valid, offset.clamp(min=0), valid_on_device)
     return model.lm_head_logits(hidden[:, -1:]), cache
 
 
@@ -160,17 +175,23 @@ def _decode_one(model: Any, cache: RMTGenerationCache, token: torch.Tensor) -> t
         return model.lm_head_logits(hidden)
     # Rows whose segment is full: write memory against it, then open a fresh segment with the token.
     cross = torch.tensor(crossing)
-    cross_on_device = cross.to(device)
+    cross_on_device = cache.filled_on_device == size  # the same rows, known on the device already
     mem_positions = torch.arange(num_mem, device=device)[None, :]
     write_positions = torch.where(cross_on_device[:, None], num_mem + size + mem_positions, 0)
-    written = cache.append(model, memory.to(embedded.dtype), cross[:, None].expand(-1, num_mem), write_positions)
+    cross_columns = cross_on_device[:, None].expand(-1, num_mem)
+    written = cache.append(
+        model, memory.to(embedded.dtype), cross[:, None].expand(-1, num_mem), write_positions, cross_columns
+    )
     memory = torch.where(cross_on_device[:, None, None], written.to(memory.dtype), memory)
     cache.valid[cross] = False  # crossing rows are done with every column so far
     cache.valid_on_device = cache.valid_on_device & ~cross_on_device[:, None]
     new_valid = torch.cat([cross[:, None].expand(-1, num_mem), torch.ones(batch, 1, dtype=torch.bool)], dim=1)
     token_position = torch.where(cross_on_device, num_mem, num_mem + cache.filled_on_device)[:, None]
     positions = torch.cat([torch.where(cross_on_device[:, None], mem_positions, 0), token_position], dim=1)
-    hidden = cache.append(model, torch.cat([memory.to(embedded.dtype), embedded], dim=1), new_valid, positions)
+    new_valid_on_device = torch.cat([cross_columns, torch.ones_like(cross_columns[:, :1])], dim=1)
+    hidden = cache.append(
+        model, torch.cat([memory.to(embedded.dtype), embedded], dim=1), new_valid, positions, new_valid_on_device
+    )
     cache.memory_state = memory
     cache.filled = [1 if c else count + 1 for c, count in zip(crossing, cache.filled, strict=True)]
     cache.filled_on_device = torch.where(cross_on_device, 1, cache.filled_on_device + 1)
@@ -192,6 +213,11 @@ class RMTGenerationMixin(GenerationMixin):
     ) -> dict[str, Any]:
         if isinstance(past_key_values, RMTGenerationCache):
             return {"input_ids": input_ids[:, past_key_values.seen_tokens :], "past_key_values": past_key_values}
+        for option in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(option):
+                raise ValueError(f"RMTForCausalLM.generate does not return per-layer outputs; drop {option}=True.")
+        if attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1]:
+            raise ValueError("RMTForCausalLM reads prompts segment by segment itself: drop prefill_chunk_size.")
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(
                 "A prompt has padding on the right; generation continues each prompt at its end, so pad on "

@@ -204,8 +204,8 @@ class RMTPreTrainedModel(PreTrainedModel):
             attention_mask,
             token_type_ids if self._backbone_takes_token_types else None,
             segment_size=config.segment_size,
-            cls_token_id=config.cls_token_id,
-            sep_token_id=config.sep_token_id,
+            cls_token_id=None if is_decoder_family(config.text_config) else config.cls_token_id,
+            sep_token_id=None if is_decoder_family(config.text_config) else config.sep_token_id,
             pad_token_id=config.pad_token_id,
             alignment=self._alignment or config.segment_alignment,
             padding_needs_mask=not is_decoder_family(config.text_config),
@@ -420,6 +420,8 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
 
     _backbone_auto_class = AutoModelForCausalLM
     _alignment = "start"  # segments are cut from each document's first token
+    # Decoding state lives in our own cache: generate() must not roll it back (assisted decoding).
+    _is_stateful = True
 
     def _check_backbone(self, config: RMTConfig) -> None:
         if not is_decoder_family(config.text_config):

@@ -18,6 +18,8 @@ DECODERS = {
                      max_position_embeddings=64),
     "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=64, max_position_embeddings=64),
+    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, max_position_embeddings=64, sliding_window=None),
 }  # fmt: skip
 TOKENS = dict(bos_token_id=1, eos_token_id=None, pad_token_id=0)  # no end token: lengths are exact
 
@@ -71,7 +73,7 @@ def test_greedy_generation_equals_recomputing_the_full_forward(family):
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone():
     model = tiny_lm("llama")
-    batch_prompts = prompts([17, 9, 23, 5])
+    batch_prompts = prompts([17, 9, 23, 5, 1, 10])  # partial, exact-multiple and one-token prompts
     batched = generate(model, left_pad(batch_prompts), 13)
     width = max(len(p) for p in batch_prompts)
     for i, prompt in enumerate(batch_prompts):
@@ -191,6 +193,13 @@ def test_clear_errors_for_bad_input():
         model(input_ids=batch["input_ids"], labels=batch["input_ids"][:, :-1])
     with pytest.raises(ValueError, match="memory_state has shape"):
         model.generate(**batch, memory_state=torch.zeros(2, MEMORY + 1, 32), max_new_tokens=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="keeps its own decoding cache"):
+        model.generate(**batch, max_new_tokens=3, pad_token_id=0, cache_implementation="static")
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(**batch, max_new_tokens=3, pad_token_id=0, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        RMTConfig(text_config=AutoConfig.for_model("mistral", **{**DECODERS["mistral"], "sliding_window": 4096}),
+                  num_mem_tokens=2, segment_size=8)  # fmt: skip
     with pytest.raises(ValueError, match="needs a decoder backbone"):
         RMTForCausalLM(RMTConfig(text_config=AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1,
                                                                   num_attention_heads=2, intermediate_size=32),
