@@ -122,8 +122,6 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     Returns the next-token logits [B, 1, V] and the generation cache.
     """
     plan = model._plan(input_ids, attention_mask, None)
-    if plan.compacted:
-        raise ValueError("The attention_mask has holes inside a prompt; generation needs contiguous prompts.")
     state = model._read(plan.without_last_segments(), memory_state)
     config, device = model.config, input_ids.device
     num_mem = config.num_mem_tokens

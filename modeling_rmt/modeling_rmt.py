@@ -199,17 +199,20 @@ class RMTPreTrainedModel(PreTrainedModel):
         if input_ids is None:
             raise ValueError("input_ids are required: pass the tokenizer's output for whole documents.")
         config = self.config
+        decoder = is_decoder_family(config.text_config)  # decoders keep every token, pad ids included
         plan = plan_segments(
             input_ids,
             attention_mask,
             token_type_ids if self._backbone_takes_token_types else None,
             segment_size=config.segment_size,
-            cls_token_id=None if is_decoder_family(config.text_config) else config.cls_token_id,
-            sep_token_id=None if is_decoder_family(config.text_config) else config.sep_token_id,
+            cls_token_id=None if decoder else config.cls_token_id,
+            sep_token_id=None if decoder else config.sep_token_id,
             pad_token_id=config.pad_token_id,
             alignment=self._alignment or config.segment_alignment,
-            padding_needs_mask=not is_decoder_family(config.text_config),
+            padding_needs_mask=not decoder,
         )
+        if decoder and plan.compacted:  # logits and the KV cache follow the input's own columns
+            raise ValueError("The attention_mask has holes inside a sequence; pass contiguous sequences.")
         cap = config.max_n_segments
         if cap is not None and self.training and torch.is_grad_enabled() and plan.num_segments > cap:
             raise ValueError(
@@ -477,8 +480,6 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
 
     def _full_forward(self, input_ids, attention_mask, labels, memory_state, logits_to_keep, **loss_kwargs):
         plan = self._plan(input_ids, attention_mask, None)
-        if plan.compacted:
-            raise ValueError("The attention_mask has holes inside a document; pass contiguous documents.")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}; pass one label "

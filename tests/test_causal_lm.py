@@ -206,15 +206,15 @@ def test_clear_errors_for_bad_input():
                                  num_mem_tokens=2, segment_size=8, cls_token_id=1, sep_token_id=2))  # fmt: skip
 
 
+RECALL_SEGMENT = 8
+
+
 def recall_batch(size: int, generator: torch.Generator) -> torch.Tensor:
     """`key value` opens segment 1, filler fills it and segment 2, segment 3 asks `QUERY key` -> value."""
     keys = torch.randint(3, 11, (size, 1), generator=generator)
     values = torch.randint(11, 19, (size, 1), generator=generator)
     filler = torch.randint(19, VOCAB, (size, 2 * RECALL_SEGMENT - 2), generator=generator)
     return torch.cat([keys, values, filler, torch.full((size, 1), 2), keys, values], dim=1)
-
-
-RECALL_SEGMENT = 8
 
 
 def train_recall(model, window: int | None, steps: int = 300) -> float:
