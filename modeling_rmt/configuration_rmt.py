@@ -13,7 +13,7 @@ ENCODER_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta", "
 POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
 # Decoder families with a `*ForCausalLM` head whose base model takes `inputs_embeds` and `position_ids`.
 DECODER_FAMILIES = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral")
-MEMORY_TYPES = ("rmt",)  # "armt" (per-layer associative memory) plugs in here
+MEMORY_TYPES = ("rmt", "armt")
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
 # Special tokens around every encoder segment: [CLS] memory [SEP] tokens [SEP]
@@ -39,11 +39,11 @@ def backbone_position_limit(text_config: PreTrainedConfig) -> int:
     return int(limit) - reserved
 
 
-def segment_overhead(text_config: PreTrainedConfig, num_mem_tokens: int) -> int:
-    """Positions a segment needs besides its content: encoders `[CLS] mem [SEP] ... [SEP]`,
-    decoders `[read mem] ... [write mem]`."""
+def segment_overhead(text_config: PreTrainedConfig, num_mem_tokens: int, memory_type: str = "rmt") -> int:
+    """Positions a segment needs besides its content: encoders `[CLS] mem [SEP] ... [SEP]`, decoders
+    `[read mem] ... [write mem]` (RMT) or `... [mem]` (ARMT)."""
     if is_decoder_family(text_config):
-        return 2 * num_mem_tokens
+        return num_mem_tokens if memory_type == "armt" else 2 * num_mem_tokens
     return num_mem_tokens + ENCODER_SPECIAL_TOKENS
 
 
@@ -78,7 +78,11 @@ class RMTConfig(PreTrainedConfig):
             segment is padded) or "left" (the first segment is full, the last is short).
         segment_loss: "final" (loss on the last segment's logits) or "mean" (mean over each
             document's segments).
-        memory_type: "rmt" (memory tokens recur through the last layer's states).
+        memory_type: "rmt" (memory tokens recur through the last layer's states) or "armt" (an
+            associative matrix memory in every layer, written by memory tokens at each segment's end).
+        armt_d_mem: ARMT key size before the DPFP feature map (keys have 6 * armt_d_mem features).
+        armt_num_heads: ARMT memory heads (each holds its share of the keys and values).
+        armt_correction: ARMT's gamma correction of the normaliser z (count only new key directions).
         cls_token_id, sep_token_id, pad_token_id: the backbone tokenizer's special tokens.
     """
 
@@ -95,6 +99,9 @@ class RMTConfig(PreTrainedConfig):
     segment_alignment: str = "right"
     segment_loss: str = "final"
     memory_type: str = "rmt"
+    armt_d_mem: int = 64
+    armt_num_heads: int = 1
+    armt_correction: bool = True
     cls_token_id: int | None = None
     sep_token_id: int | None = None
     pad_token_id: int | None = None
@@ -141,6 +148,8 @@ class RMTConfig(PreTrainedConfig):
             )
         if self.memory_type not in MEMORY_TYPES:
             raise ValueError(f"Unknown memory_type {self.memory_type!r}; choose one of {MEMORY_TYPES}.")
+        if self.memory_type == "armt":
+            self._validate_armt()
         if not isinstance(self.num_mem_tokens, int) or self.num_mem_tokens < 1:
             raise ValueError(f"num_mem_tokens must be an integer >= 1, got {self.num_mem_tokens!r}.")
         if not isinstance(self.segment_size, int) or self.segment_size < 1:
@@ -158,7 +167,7 @@ class RMTConfig(PreTrainedConfig):
         limit = backbone_position_limit(self.text_config)
         needed = self.segment_input_length
         if needed > limit:
-            overhead = segment_overhead(self.text_config, self.num_mem_tokens)
+            overhead = segment_overhead(self.text_config, self.num_mem_tokens, self.memory_type)
             raise ValueError(
                 f"A segment needs {needed} positions (segment_size {self.segment_size} + {overhead} for memory "
                 f"and special tokens) but the {family} backbone addresses at most {limit}. Use segment_size <= "
@@ -172,6 +181,16 @@ class RMTConfig(PreTrainedConfig):
             if value is not None and not 0 <= value < vocab:
                 raise ValueError(f"{name}={value} is outside the backbone's vocabulary of {vocab} tokens.")
 
+    def _validate_armt(self) -> None:
+        heads, d_mem, hidden = self.armt_num_heads, self.armt_d_mem, self.text_config.hidden_size
+        if not isinstance(d_mem, int) or d_mem < 1:
+            raise ValueError(f"armt_d_mem must be an integer >= 1, got {d_mem!r}.")
+        if not isinstance(heads, int) or heads < 1 or d_mem % heads or hidden % heads:
+            raise ValueError(
+                f"armt_num_heads={heads!r} must be an integer >= 1 dividing both armt_d_mem ({d_mem}) and the "
+                f"backbone's hidden_size ({hidden})."
+            )
+
     def sync_labels_to_backbone(self) -> None:
         """Give the backbone's head this config's labels (they may be set after construction)."""
         if self.text_config.id2label != self.id2label:
@@ -182,7 +201,7 @@ class RMTConfig(PreTrainedConfig):
     @property
     def segment_input_length(self) -> int:
         """Positions one full segment occupies in the backbone."""
-        return self.segment_size + segment_overhead(self.text_config, self.num_mem_tokens)
+        return self.segment_size + segment_overhead(self.text_config, self.num_mem_tokens, self.memory_type)
 
 
 __all__ = ["RMTConfig"]

@@ -20,8 +20,15 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
-from .generation import RMTGenerationCache, RMTGenerationMixin, decode, decoder_segment_inputs, prefill
-from .memory import TokenMemory, build_memory
+from .generation import (
+    RMTGenerationCache,
+    RMTGenerationMixin,
+    decode,
+    decoder_segment_inputs,
+    memory_slots,
+    prefill,
+)
+from .memory import AssociativeLayer, AssociativeMemory, MemoryState, TokenMemory, build_memory
 from .segmenting import Segment, SegmentPlan, plan_segments
 
 # Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
@@ -133,7 +140,7 @@ class RMTPreTrainedModel(PreTrainedModel):
         backbone.config = config.text_config
         self._backbone_takes_token_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
         self.backbone = BaseModelHolder(backbone) if self._hold_base_model else backbone
-        self.memory = build_memory(config.memory_type, config.num_mem_tokens, config.text_config.hidden_size)
+        self.memory = build_memory(config, backbone)  # ARMT wraps the backbone's layers
         self._check_backbone(config)
         self.post_init()
 
@@ -142,9 +149,14 @@ class RMTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, TokenMemory):
-            std = getattr(self.config.text_config, "initializer_range", 0.02)
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, (TokenMemory, AssociativeMemory)):
             init.normal_(module.memory_tokens, mean=0.0, std=std)
+        elif isinstance(module, AssociativeLayer):  # W_mv = 0: an untrained ARMT equals its backbone
+            for weight in (module.W_mq.weight, module.W_mk.weight, module.W_mb.weight):
+                init.normal_(weight, mean=0.0, std=std)
+            init.zeros_(module.W_mb.bias)
+            init.zeros_(module.W_mv.weight)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
@@ -179,7 +191,8 @@ class RMTPreTrainedModel(PreTrainedModel):
         for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
             config_kwargs.setdefault(name, getattr(tokenizer, name, None))
         if segment_size is None:
-            segment_size = backbone_position_limit(backbone.config) - segment_overhead(backbone.config, num_mem_tokens)
+            overhead = segment_overhead(backbone.config, num_mem_tokens, config_kwargs.get("memory_type", "rmt"))
+            segment_size = backbone_position_limit(backbone.config) - overhead
         config = RMTConfig(
             text_config=backbone.config, num_mem_tokens=num_mem_tokens, segment_size=segment_size, **config_kwargs
         )
@@ -222,8 +235,8 @@ class RMTPreTrainedModel(PreTrainedModel):
         return plan
 
     def _segments(
-        self, plan: SegmentPlan, memory_state: torch.Tensor | None, **backbone_kwargs: Any
-    ) -> Iterator[tuple[Segment, Any, torch.Tensor]]:
+        self, plan: SegmentPlan, memory_state: MemoryState | None, **backbone_kwargs: Any
+    ) -> Iterator[tuple[Segment, Any, MemoryState]]:
         """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
         memory, steps = self.memory, plan.num_segments
         state = self._initial_state(plan.batch_size, memory_state)
@@ -233,25 +246,32 @@ class RMTPreTrainedModel(PreTrainedModel):
             if 0 <= self.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
                 state = memory.detach(state, first_step <= step)  # of documents that have started
             current = memory.select(state, segment.rows)
-            outputs, memory_outputs = self._process_segment(segment, memory.read(current), **backbone_kwargs)
-            state = memory.update(state, segment.rows, memory.write(current, memory_outputs))
+            outputs, written = self._process_segment(segment, current, **backbone_kwargs)
+            state = memory.update(state, segment.rows, memory.write(current, written))
             yield segment, outputs, state
 
-    def _initial_state(self, batch_size: int, memory_state: torch.Tensor | None) -> torch.Tensor:
+    def _run_backbone(self, state: MemoryState, memory_index: torch.Tensor, **backbone_inputs: Any) -> tuple:
+        """One backbone call with the memory attached; returns (outputs, what the memory positions wrote)."""
+        with self.memory.reading(state, memory_index) as recording:
+            outputs = self.backbone(**backbone_inputs)
+        hidden = outputs.hidden_states[-1] if "last_hidden_state" not in outputs else outputs.last_hidden_state
+        return outputs, self.memory.collect(recording, hidden, memory_index)
+
+    def _initial_state(self, batch_size: int, memory_state: MemoryState | None) -> MemoryState:
         if memory_state is None:
             return self.memory.init_state(batch_size)
         self.memory.check_state(memory_state, batch_size)
         return memory_state
 
-    def _read(self, plan: SegmentPlan, memory_state: torch.Tensor | None) -> torch.Tensor:
+    def _read(self, plan: SegmentPlan, memory_state: MemoryState | None) -> MemoryState:
         """The memory after reading every segment of `plan` (outputs are discarded)."""
         final = self._initial_state(plan.batch_size, memory_state)
         for _, _, state in self._segments(plan, final):
             final = state
         return final
 
-    def _process_segment(self, segment: Segment, memory_tokens: torch.Tensor, **backbone_kwargs: Any) -> tuple:
-        """Run one segment through the backbone; return (outputs, the states at the memory positions)."""
+    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
+        """Run one segment reading memory `state`; return (outputs, what the memory positions wrote)."""
         raise NotImplementedError
 
 
@@ -271,7 +291,7 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
                     "(from_backbone reads it from the backbone's tokenizer)."
                 )
 
-    def _process_segment(self, segment: Segment, memory_tokens: torch.Tensor, **backbone_kwargs: Any) -> tuple:
+    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
         """Run `[CLS] memory [SEP] tokens [SEP]` through the backbone; return (outputs, memory outputs)."""
         config, ids, mask = self.config, segment.input_ids, segment.attention_mask
         active, num_mem = ids.shape[0], config.num_mem_tokens
@@ -281,16 +301,18 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
         tail_mask = torch.cat([mask, mask.new_zeros((active, 1))], dim=1).scatter(1, lengths, 1)
         head = ids.new_tensor([config.cls_token_id, config.sep_token_id]).expand(active, 2)
         embedded = self.get_input_embeddings()(torch.cat([head, tail], dim=1))
-        inputs_embeds = torch.cat([embedded[:, :1], memory_tokens.to(embedded.dtype), embedded[:, 1:]], dim=1)
+        memory_tokens = self.memory.tokens(state).to(embedded.dtype)
+        inputs_embeds = torch.cat([embedded[:, :1], memory_tokens, embedded[:, 1:]], dim=1)
         attention_mask = torch.cat([mask.new_ones((active, num_mem + 2)), tail_mask], dim=1)
         if segment.token_type_ids is not None:
             tail_types = torch.cat([segment.token_type_ids, segment.token_type_ids.new_zeros((active, 1))], dim=1)
             backbone_kwargs["token_type_ids"] = torch.cat(
                 [tail_types.new_zeros((active, num_mem + 2)), tail_types.scatter(1, lengths, 0)], dim=1
             )
-        outputs = self.backbone(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **backbone_kwargs)
-        last_hidden = outputs.hidden_states[-1] if "last_hidden_state" not in outputs else outputs.last_hidden_state
-        return outputs, last_hidden[:, 1 : 1 + num_mem]
+        memory_index = torch.arange(1, 1 + num_mem, device=ids.device).expand(active, -1)
+        return self._run_backbone(
+            state, memory_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **backbone_kwargs
+        )
 
 
 class RMTModel(RMTEncoderPreTrainedModel):
@@ -442,18 +464,17 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_output_embeddings()(hidden)
 
-    def _process_segment(self, segment: Segment, memory_tokens: torch.Tensor, **backbone_kwargs: Any) -> tuple:
+    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
         embedded = self.get_input_embeddings()(segment.input_ids)
         counts = segment.attention_mask.sum(dim=1)
-        inputs_embeds, attention_mask, position_ids, write_index = decoder_segment_inputs(
-            embedded, counts, memory_tokens
-        )
-        hidden = self.backbone.base_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        num_mem, width = self.config.num_mem_tokens, embedded.shape[1]
-        written = hidden.gather(1, write_index[..., None].expand(-1, -1, hidden.shape[-1]))
-        return hidden[:, num_mem : num_mem + width], written
+        read, write = memory_slots(self.memory, state)
+        inputs_embeds, attention_mask, position_ids, write_index = decoder_segment_inputs(embedded, counts, read, write)
+        with self.memory.reading(state, write_index) as recording:
+            hidden = self.backbone.base_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        written = self.memory.collect(recording, hidden, write_index)
+        return hidden[:, read.shape[1] : read.shape[1] + embedded.shape[1]], written
 
     def forward(
         self,
