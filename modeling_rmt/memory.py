@@ -266,7 +266,8 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
         """Every layer's delta-rule update from its memory tokens' outputs."""
         A, z = state
         updates = [
-            layer.write(A[:, n], z[:, n], outputs) for n, (layer, outputs) in enumerate(zip(self.layers, written))
+            layer.write(A[:, n], z[:, n], outputs)
+            for n, (layer, outputs) in enumerate(zip(self.layers, written, strict=True))
         ]
         return torch.stack([a for a, _ in updates], dim=1), torch.stack([b for _, b in updates], dim=1)
 
