@@ -28,7 +28,7 @@ from .generation import (
     memory_slots,
     prefill,
 )
-from .memory import AssociativeLayer, AssociativeMemory, MemoryState, TokenMemory, build_memory
+from .memory import AssociativeMemory, MemoryState, TokenMemory, build_memory
 from .segmenting import Segment, SegmentPlan, plan_segments
 
 # Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
@@ -149,14 +149,25 @@ class RMTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, (TokenMemory, AssociativeMemory)):
-            init.normal_(module.memory_tokens, mean=0.0, std=std)
-        elif isinstance(module, AssociativeLayer):  # W_mv = 0: an untrained ARMT equals its backbone
-            for weight in (module.W_mq.weight, module.W_mk.weight, module.W_mb.weight):
-                init.normal_(weight, mean=0.0, std=std)
-            init.zeros_(module.W_mb.bias)
-            init.zeros_(module.W_mv.weight)
+            init.normal_(module.memory_tokens, mean=0.0, std=self._initializer_range)
+
+    @property
+    def _initializer_range(self) -> float:
+        return getattr(self.config.text_config, "initializer_range", 0.02)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """As transformers does, then ARMT's layer memories: they sit inside the backbone, whose own
+        `_init_weights` would treat them as ordinary linear layers. Loaded weights are left alone."""
+        super().initialize_weights()
+        for layer in getattr(self.memory, "layers", ()):
+            # queries and keys of unit scale whatever the width: the DPFP features are products of pairs
+            for weight in (layer.W_mq.weight, layer.W_mk.weight):
+                init.normal_(weight, mean=0.0, std=weight.shape[1] ** -0.5)
+            init.normal_(layer.W_mb.weight, mean=0.0, std=self._initializer_range)
+            init.zeros_(layer.W_mb.bias)
+            init.zeros_(layer.W_mv.weight)  # W_mv = 0: an untrained ARMT equals its backbone
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()

@@ -160,11 +160,14 @@ FRESH_GENERATION = NO_LOCAL_PACKAGE + textwrap.dedent(
 )
 
 
-def test_fresh_offline_process_generates_with_the_causal_lm_from_the_hub_cache(tmp_path):
+@pytest.mark.parametrize("memory_type", ["rmt", "armt"])
+def test_fresh_offline_process_generates_with_the_causal_lm_from_the_hub_cache(tmp_path, memory_type):
     from conftest import word_tokenizer
+    from test_armt import ARMT, tiny_armt_lm
     from test_causal_lm import VOCAB, prompts, tiny_lm
 
-    model, tokenizer = tiny_lm("llama"), word_tokenizer(VOCAB)
+    model = tiny_lm("llama") if memory_type == "rmt" else tiny_armt_lm("llama", **ARMT)
+    tokenizer = word_tokenizer(VOCAB)
     folder = tmp_path / "rmt-llama"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
