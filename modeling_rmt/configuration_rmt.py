@@ -14,6 +14,9 @@ POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
 # Decoder families with a `*ForCausalLM` head whose base model takes `inputs_embeds` and `position_ids`.
 DECODER_FAMILIES = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral")
 MEMORY_TYPES = ("rmt", "armt")
+# Backbone families whose layers diagonal batching has been checked on against the sequential loop.
+DIAGONAL_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "roberta", "xlm-roberta", "camembert",
+                     "electra", "distilbert")  # fmt: skip
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
 # Special tokens around every encoder segment: [CLS] memory [SEP] tokens [SEP]
@@ -83,6 +86,9 @@ class RMTConfig(PreTrainedConfig):
         armt_d_mem: ARMT key size before the DPFP feature map (keys have 6 * armt_d_mem features).
         armt_num_heads: ARMT memory heads (each holds its share of the keys and values).
         armt_correction: ARMT's gamma correction of the normaliser z (count only new key directions).
+        diagonal_batching: run inference (not training) with diagonal batching: every (layer, segment)
+            cell whose inputs are ready runs in one batched call; the same outputs up to float error.
+            ARMT only.
         cls_token_id, sep_token_id, pad_token_id: the backbone tokenizer's special tokens.
     """
 
@@ -102,6 +108,7 @@ class RMTConfig(PreTrainedConfig):
     armt_d_mem: int = 64
     armt_num_heads: int = 1
     armt_correction: bool = True
+    diagonal_batching: bool = False
     cls_token_id: int | None = None
     sep_token_id: int | None = None
     pad_token_id: int | None = None
@@ -150,6 +157,8 @@ class RMTConfig(PreTrainedConfig):
             raise ValueError(f"Unknown memory_type {self.memory_type!r}; choose one of {MEMORY_TYPES}.")
         if self.memory_type == "armt":
             self._validate_armt()
+        if self.diagonal_batching:
+            self._validate_diagonal()
         if not isinstance(self.num_mem_tokens, int) or self.num_mem_tokens < 1:
             raise ValueError(f"num_mem_tokens must be an integer >= 1, got {self.num_mem_tokens!r}.")
         if not isinstance(self.segment_size, int) or self.segment_size < 1:
@@ -189,6 +198,20 @@ class RMTConfig(PreTrainedConfig):
             raise ValueError(
                 f"armt_num_heads={heads!r} must be an integer >= 1 dividing both armt_d_mem ({d_mem}) and the "
                 f"backbone's hidden_size ({hidden})."
+            )
+
+    def _validate_diagonal(self) -> None:
+        if self.memory_type != "armt":
+            raise ValueError(
+                f"diagonal_batching needs a memory in every layer (memory_type='armt'); memory_type="
+                f"{self.memory_type!r} recurs from the last layer to the first, which has no diagonal. "
+                "Set diagonal_batching=False or memory_type='armt'."
+            )
+        family = self.text_config.model_type
+        if family not in DIAGONAL_FAMILIES:
+            raise ValueError(
+                f"diagonal_batching does not support the {family!r} backbone yet (supported: "
+                f"{', '.join(DIAGONAL_FAMILIES)}); set diagonal_batching=False to use the sequential loop."
             )
 
     def sync_labels_to_backbone(self) -> None:

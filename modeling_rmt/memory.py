@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Added to the normaliser of associative reads, as in the ARMT paper.
@@ -120,6 +121,41 @@ def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
     return torch.cat([x * x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
 
 
+def associative_read(
+    hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor, W_mq: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """phi(q) A / (z . phi(q) + eps), q = W_mq h, for every position of `hidden` [rows, T, d], in its dtype."""
+    q = dpfp(F.linear(hidden, W_mq).float().unflatten(-1, (num_heads, -1)))
+    numerator = torch.einsum("bthk,bhkv->bthv", q, A)
+    denominator = torch.einsum("bthk,bhk->bth", q, z) + READ_EPS
+    return (numerator / denominator[..., None]).flatten(-2).to(hidden.dtype)
+
+
+def associative_write(
+    A: torch.Tensor,
+    z: torch.Tensor,
+    memory_outputs: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    num_heads: int,
+    correction: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Delta-rule update from the memory tokens' outputs [rows, m, d]; `weights` = (W_mk, W_mv, W_mb,
+    W_mb bias). Returns the new (A, z)."""
+    W_mk, W_mv, W_mb, b_mb = weights
+    k = dpfp(F.linear(memory_outputs, W_mk).float().unflatten(-1, (num_heads, -1)))
+    v = F.linear(memory_outputs, W_mv).float().unflatten(-1, (num_heads, -1))
+    beta = torch.sigmoid(F.linear(memory_outputs, W_mb, b_mb).float())
+    known = torch.einsum("bmhk,bhk->bmh", k, z)
+    previous = torch.einsum("bmhk,bhkv->bmhv", k, A) / (known + READ_EPS)[..., None]
+    if correction:  # count only the part of a key not yet in z
+        gamma = (1 - known / (k * k).sum(-1).clamp_min(torch.finfo(k.dtype).tiny)).clamp(0, 1).detach()
+    else:
+        gamma = torch.ones_like(known)
+    A = A + torch.einsum("bmhk,bmhv,bmh->bhkv", k, v - previous, beta)
+    z = z + torch.einsum("bmhk,bmh->bhk", k, gamma)
+    return A, z
+
+
 @dataclass
 class LayerContext:
     """What one wrapped layer uses during a backbone call: its memory and where the memory tokens are."""
@@ -128,6 +164,13 @@ class LayerContext:
     z: torch.Tensor  # [rows, H, d_key/H]
     memory_index: torch.Tensor | None  # [rows, m] positions whose outputs are written; None: no write
     outputs: list[torch.Tensor] = field(default_factory=list)  # the recording, shared by all layers
+    # Diagonal batching runs the layers itself and uses the backbone only around them:
+    capture: dict | None = None  # set: the first layer stores its inputs here and stops the backbone
+    replay: Any = None  # set: every layer returns this (the last layer's output) without running
+
+
+class LayerInputsCaptured(Exception):
+    """Raised by the first ARMT layer in capture mode, once it has stored the backbone's layer inputs."""
 
 
 class AssociativeLayer(nn.Module):
@@ -155,47 +198,36 @@ class AssociativeLayer(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("layer"), name)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().unflatten(-1, (self.num_heads, -1))
-
-    def keys(self, x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
-        """phi(W x) split into heads: [..., H, d_key/H] in float32."""
-        return dpfp(self._heads(projection(x)))
+    @property
+    def write_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.W_mk.weight, self.W_mv.weight, self.W_mb.weight, self.W_mb.bias
 
     def read(self, hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """phi(q) A / (z . phi(q) + eps) for every position of `hidden` [rows, T, d], in its dtype."""
-        q = self.keys(hidden, self.W_mq)
-        numerator = torch.einsum("bthk,bhkv->bthv", q, A)
-        denominator = torch.einsum("bthk,bhk->bth", q, z) + READ_EPS
-        return (numerator / denominator[..., None]).flatten(-2).to(hidden.dtype)
+        """What this layer's memory adds to `hidden` [rows, T, d]."""
+        return associative_read(hidden, A, z, self.W_mq.weight, self.num_heads)
 
     def write(
         self, A: torch.Tensor, z: torch.Tensor, memory_outputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Delta-rule update from the memory tokens' outputs [rows, m, d]; returns the new (A, z)."""
-        k = self.keys(memory_outputs, self.W_mk)
-        v = self._heads(self.W_mv(memory_outputs))
-        beta = torch.sigmoid(self.W_mb(memory_outputs).float())
-        known = torch.einsum("bmhk,bhk->bmh", k, z)
-        previous = torch.einsum("bmhk,bhkv->bmhv", k, A) / (known + READ_EPS)[..., None]
-        if self.correction:  # count only the part of a key not yet in z
-            gamma = (1 - known / (k * k).sum(-1).clamp_min(torch.finfo(k.dtype).tiny)).clamp(0, 1).detach()
-        else:
-            gamma = torch.ones_like(known)
-        A = A + torch.einsum("bmhk,bmhv,bmh->bhkv", k, v - previous, beta)
-        z = z + torch.einsum("bmhk,bmh->bhk", k, gamma)
-        return A, z
+        """The memory after writing the memory tokens' outputs [rows, m, d]."""
+        return associative_write(A, z, memory_outputs, self.write_weights, self.num_heads, self.correction)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         context = self.context
         if context is None:  # no memory attached: the plain layer
             return self.layer(*args, **kwargs)
-        if args:
-            args = (args[0] + self.read(args[0], context.A, context.z), *args[1:])
+        if context.capture is not None:
+            context.capture.update(args=args, kwargs=kwargs, memory_index=context.memory_index)
+            raise LayerInputsCaptured
+        if context.replay is not None:
+            output = context.replay
         else:
-            hidden = kwargs["hidden_states"]
-            kwargs["hidden_states"] = hidden + self.read(hidden, context.A, context.z)
-        output = self.layer(*args, **kwargs)
+            if args:
+                args = (args[0] + self.read(args[0], context.A, context.z), *args[1:])
+            else:
+                hidden = kwargs["hidden_states"]
+                kwargs["hidden_states"] = hidden + self.read(hidden, context.A, context.z)
+            output = self.layer(*args, **kwargs)
         if context.memory_index is not None:
             hidden = output[0] if isinstance(output, tuple) else output
             index = context.memory_index[..., None].expand(-1, -1, hidden.shape[-1])
@@ -224,6 +256,7 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
         self.hidden_size = hidden_size
         self.memory_tokens = nn.Parameter(torch.zeros(num_mem_tokens, hidden_size))
         self.layers = tuple(layers)  # registered in the backbone, referenced here
+        self.diagonal_mode: tuple[dict | None, Any] = (None, None)  # (capture, replay): see LayerContext
         num_heads = layers[0].num_heads
         self.state_shapes = (
             (len(layers), num_heads, 6 * d_mem // num_heads, hidden_size // num_heads),
@@ -246,8 +279,9 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
         """Attach each layer's memory for one backbone call; yields the list the layers record into."""
         outputs: list[torch.Tensor] = []
         A, z = state
+        capture, replay = self.diagonal_mode
         for number, layer in enumerate(self.layers):
-            layer.context = LayerContext(A[:, number], z[:, number], memory_index, outputs)
+            layer.context = LayerContext(A[:, number], z[:, number], memory_index, outputs, capture, replay)
         try:
             yield outputs
         finally:

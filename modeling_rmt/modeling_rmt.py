@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
+from .diagonal import diagonal_segments
 from .generation import (
     RMTGenerationCache,
     RMTGenerationMixin,
@@ -251,6 +252,9 @@ class RMTPreTrainedModel(PreTrainedModel):
         """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
         memory, steps = self.memory, plan.num_segments
         state = self._initial_state(plan.batch_size, memory_state)
+        if self.config.diagonal_batching and not self.training:  # the same cells, run diagonally
+            yield from diagonal_segments(self, plan, state, **backbone_kwargs)
+            return
         first_step = plan.grid_offset // plan.segment_size
         for step in range(steps):
             segment = plan.segment(step)
@@ -265,7 +269,7 @@ class RMTPreTrainedModel(PreTrainedModel):
         """One backbone call with the memory attached; returns (outputs, what the memory positions wrote)."""
         with self.memory.reading(state, memory_index) as recording:
             outputs = self.backbone(**backbone_inputs)
-        hidden = outputs.hidden_states[-1] if "last_hidden_state" not in outputs else outputs.last_hidden_state
+        hidden = outputs.last_hidden_state if "last_hidden_state" in outputs else (outputs.hidden_states or [None])[-1]
         return outputs, self.memory.collect(recording, hidden, memory_index)
 
     def _initial_state(self, batch_size: int, memory_state: MemoryState | None) -> MemoryState:

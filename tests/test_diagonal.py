@@ -1,0 +1,99 @@
+"""Diagonal batching (config.diagonal_batching) against the sequential segment loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import encode, random_documents, tiny_classifier
+from test_armt import ARMT, tiny_armt_lm, with_written_values
+from test_causal_lm import SEGMENT, generate, left_pad, prompts
+
+import modeling_rmt.configuration_rmt as configuration
+from modeling_rmt import RMTConfig
+
+DECODERS = ["llama", "gpt2", "gpt_neox", "qwen2", "mistral"]
+ENCODERS = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert"]
+
+
+def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return float((expected - actual).abs().max() / expected.abs().max())
+
+
+def both_ways(model, **inputs):
+    """The model's outputs with the sequential loop and with diagonal batching."""
+    with torch.no_grad():
+        model.config.diagonal_batching = False
+        sequential = model(**inputs)
+        model.config.diagonal_batching = True
+        diagonal = model(**inputs)
+    return sequential, diagonal
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("segments", [1, 2, 7, 64])
+def test_causal_lm_logits_and_memory_equal_the_sequential_loop(family, segments):
+    model = tiny_armt_lm(family)
+    single = prompts([segments * SEGMENT])[0][None]
+    lengths = [segments * SEGMENT, max(1, segments * SEGMENT - 3), max(1, segments * SEGMENT // 2), 2]
+    for inputs in ({"input_ids": single}, left_pad(prompts(lengths, seed=3))):  # batch 1 and 4
+        sequential, diagonal = both_ways(model, **inputs)
+        assert relative_error(sequential.logits, diagonal.logits) <= 1e-5
+        for expected, actual in zip(sequential.memory_state, diagonal.memory_state, strict=True):
+            assert relative_error(expected, actual) <= 1e-5
+        assert sequential.memory_state[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ENCODERS)
+def test_classifier_equals_the_sequential_loop(family):
+    # Moderate written values: a random ARMT with large ones amplifies rounding from segment to segment
+    # until the sequential loop's own batch-vs-alone difference nears 1e-5.
+    model = with_written_values(tiny_classifier(family, **ARMT), std=0.1)
+    output_layer = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(output_layer.weight, std=1.0)  # logits of order one
+    for padding_side in ("right", "left"):
+        for documents in (random_documents([100]), random_documents([3, 40, 17, 8])):  # 13 segments; mixed
+            batch = encode(documents, padding_side)
+            sequential, diagonal = both_ways(model, **batch, output_hidden_states=True)
+            assert relative_error(sequential.logits, diagonal.logits) <= 1e-5
+            final_states = sequential.segment_hidden_states[-1], diagonal.segment_hidden_states[-1]
+            assert relative_error(*final_states) <= 1e-5
+            for expected, actual in zip(sequential.memory_state, diagonal.memory_state, strict=True):
+                assert relative_error(expected, actual) <= 1e-5
+            assert sequential.memory_state[0].abs().sum() > 0
+
+
+def test_generation_reads_the_prompt_diagonally_with_the_same_result():
+    model = tiny_armt_lm("llama")
+    batch = left_pad(prompts([43, 50, 7, 21]))
+    sequential = generate(model, batch, 12)
+    model.config.diagonal_batching = True
+    diagonal = generate(model, batch, 12)
+    assert torch.equal(sequential.sequences, diagonal.sequences)
+    assert relative_error(torch.stack(sequential.logits), torch.stack(diagonal.logits)) <= 1e-5
+
+
+def test_stacked_weights_follow_weight_updates():
+    model = tiny_armt_lm("gpt2")
+    ids = prompts([4 * SEGMENT])[0][None]
+    both_ways(model, input_ids=ids)
+    with torch.no_grad():
+        model.memory.layers[1].layer.mlp.c_fc.weight.mul_(1.5)
+        model.memory.layers[0].W_mv.weight.mul_(-1)
+    sequential, diagonal = both_ways(model, input_ids=ids)
+    assert relative_error(sequential.logits, diagonal.logits) <= 1e-5
+
+
+def test_training_uses_the_sequential_loop():
+    model = tiny_armt_lm("llama", diagonal_batching=True).train()
+    ids = prompts([3 * SEGMENT])[0][None]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.memory.layers[0].W_mv.weight.grad.abs().sum() > 0
+
+
+def test_unsupported_memory_type_or_family_is_named(monkeypatch):
+    text_config = tiny_armt_lm("gpt2").config.text_config
+    with pytest.raises(ValueError, match="memory_type='armt'"):
+        RMTConfig(text_config=text_config, diagonal_batching=True)
+    monkeypatch.setattr(configuration, "DIAGONAL_FAMILIES", ("llama",))
+    with pytest.raises(ValueError, match="does not support the 'gpt2' backbone"):
+        RMTConfig(text_config=text_config, diagonal_batching=True, **ARMT)
