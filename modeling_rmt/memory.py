@@ -121,13 +121,26 @@ def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
     return torch.cat([x * x.roll(shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, also for weights stacked over leading dims that x shares ([n, out, in] with x [n, ..., in])."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    lead = weight.shape[:-2]
+    out = torch.matmul(x.reshape(*lead, -1, x.shape[-1]), weight.transpose(-1, -2))
+    out = out.reshape(*x.shape[:-1], weight.shape[-2])
+    if bias is not None:
+        out = out + bias.reshape(*lead, *([1] * (x.dim() - len(lead) - 1)), -1)
+    return out
+
+
 def associative_read(
     hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor, W_mq: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
-    """phi(q) A / (z . phi(q) + eps), q = W_mq h, for every position of `hidden` [rows, T, d], in its dtype."""
-    q = dpfp(F.linear(hidden, W_mq).float().unflatten(-1, (num_heads, -1)))
-    numerator = torch.einsum("bthk,bhkv->bthv", q, A)
-    denominator = torch.einsum("bthk,bhk->bth", q, z) + READ_EPS
+    """phi(q) A / (z . phi(q) + eps), q = W_mq h, for every position of `hidden` [..., rows, T, d], in its
+    dtype. Leading dims (e.g. layers) may stack the memories and weights too."""
+    q = dpfp(_linear(hidden, W_mq).float().unflatten(-1, (num_heads, -1)))  # [..., b, t, h, k]
+    numerator = torch.einsum("...thk,...hkv->...thv", q, A)
+    denominator = torch.einsum("...thk,...hk->...th", q, z) + READ_EPS
     return (numerator / denominator[..., None]).flatten(-2).to(hidden.dtype)
 
 
@@ -139,20 +152,20 @@ def associative_write(
     num_heads: int,
     correction: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Delta-rule update from the memory tokens' outputs [rows, m, d]; `weights` = (W_mk, W_mv, W_mb,
+    """Delta-rule update from the memory tokens' outputs [..., rows, m, d]; `weights` = (W_mk, W_mv, W_mb,
     W_mb bias). Returns the new (A, z)."""
     W_mk, W_mv, W_mb, b_mb = weights
-    k = dpfp(F.linear(memory_outputs, W_mk).float().unflatten(-1, (num_heads, -1)))
-    v = F.linear(memory_outputs, W_mv).float().unflatten(-1, (num_heads, -1))
-    beta = torch.sigmoid(F.linear(memory_outputs, W_mb, b_mb).float())
-    known = torch.einsum("bmhk,bhk->bmh", k, z)
-    previous = torch.einsum("bmhk,bhkv->bmhv", k, A) / (known + READ_EPS)[..., None]
+    k = dpfp(_linear(memory_outputs, W_mk).float().unflatten(-1, (num_heads, -1)))  # [..., b, m, h, k]
+    v = _linear(memory_outputs, W_mv).float().unflatten(-1, (num_heads, -1))
+    beta = torch.sigmoid(_linear(memory_outputs, W_mb, b_mb).float())
+    known = torch.einsum("...mhk,...hk->...mh", k, z)
+    previous = torch.einsum("...mhk,...hkv->...mhv", k, A) / (known + READ_EPS)[..., None]
     if correction:  # count only the part of a key not yet in z
         gamma = (1 - known / (k * k).sum(-1).clamp_min(torch.finfo(k.dtype).tiny)).clamp(0, 1).detach()
     else:
         gamma = torch.ones_like(known)
-    A = A + torch.einsum("bmhk,bmhv,bmh->bhkv", k, v - previous, beta)
-    z = z + torch.einsum("bmhk,bmh->bhk", k, gamma)
+    A = A + torch.einsum("...mhk,...mhv->...hkv", k * beta[..., None], v - previous)
+    z = z + (k * gamma[..., None]).sum(-3)
     return A, z
 
 

@@ -49,3 +49,24 @@ def test_device_map_auto_and_sdpa(tmp_path):
     prompt = prompts([12])[0][None].to(model.device)
     out = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 24)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_armt_diagonal_batching_on_the_gpu_equals_the_sequential_loop(dtype):
+    from test_armt import tiny_armt_lm
+    from test_causal_lm import SEGMENT, left_pad
+
+    model = tiny_armt_lm("llama").to(device="cuda", dtype=dtype)
+    batch = {k: v.cuda() for k, v in left_pad(prompts([64 * SEGMENT, 20 * SEGMENT + 3, 7, 40])).items()}
+    with torch.no_grad():
+        sequential = model(**batch)
+        model.config.diagonal_batching = True
+        diagonal = model(**batch)
+    assert sequential.memory_state[0].device.type == "cuda" and sequential.memory_state[0].dtype == torch.float32
+    error = (sequential.logits.float() - diagonal.logits.float()).abs().max() / sequential.logits.float().abs().max()
+    assert error <= (1e-5 if dtype == torch.float32 else 2e-2)
+    if dtype == torch.float32:  # a diagonal prompt, then decoding that writes memory, as the sequential loop
+        short = {k: v[2:] for k, v in batch.items()}
+        out = generate(model, short, 12)
+        model.config.diagonal_batching = False
+        assert torch.equal(out.sequences, generate(model, short, 12).sequences)

@@ -22,7 +22,7 @@ from modeling_rmt.tools.backbones import minilm_path
 from modeling_rmt.tools.demo import synthetic_document
 
 HUB_FILES = {"config.json", "model.safetensors", "configuration_rmt.py", "modeling_rmt.py", "memory.py",
-             "segmenting.py", "generation.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+             "segmenting.py", "generation.py", "diagonal.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # A fresh process in which the project's packages cannot be imported, whatever is installed.
@@ -109,7 +109,17 @@ def test_saved_folder_holds_code_auto_map_and_a_long_document_tokenizer(saved_tw
         "AutoModelForSequenceClassification": "modeling_rmt.RMTForSequenceClassification",
         "AutoModelForCausalLM": "modeling_rmt.RMTForCausalLM",
     }
-    allowed = ("torch", "transformers", "__future__", "collections", "contextlib", "dataclasses", "typing", "inspect")
+    allowed = (
+        "torch",
+        "transformers",
+        "__future__",
+        "collections",
+        "contextlib",
+        "copy",
+        "dataclasses",
+        "typing",
+        "inspect",
+    )
     for source in (saved_twice / name for name in HUB_FILES if name.endswith(".py")):
         for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.Import):

@@ -1,0 +1,149 @@
+"""Diagonal batching against the sequential segment loop for ARMT, and the full-attention backbone.
+
+Each measurement runs in a fresh child process (so peak memory belongs to one variant), the variants
+alternating, best of `--repeats` timed passes after one warm-up. Random weights (speed does not depend
+on them). Prints a table and writes JSON.
+
+    python benchmarks/diagonal.py                                  # CPU, small model
+    python benchmarks/diagonal.py --device cuda --dtype bfloat16 --preset llama-1b \
+        --lengths 32768 131072 --segment 1008 --memory 16          # the paper's setting on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from modeling_rmt import RMTConfig, RMTForCausalLM
+
+PRESETS = {
+    # Llama-3.2-1B's shape
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192, vocab_size=128256),
+    "cpu-small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=1024, vocab_size=8192),
+}  # fmt: skip
+VARIANTS = ("sequential", "diagonal", "full-attention")
+
+
+def build(args: argparse.Namespace, variant: str, length: int) -> torch.nn.Module:
+    dtype = getattr(torch, args.dtype)
+    text_config = AutoConfig.for_model(
+        "llama", **PRESETS[args.preset], max_position_embeddings=max(length, 4096), tie_word_embeddings=False
+    )
+    torch.manual_seed(0)
+    if variant == "full-attention":
+        model = AutoModelForCausalLM.from_config(text_config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        config = RMTConfig(
+            text_config=text_config,
+            num_mem_tokens=args.memory,
+            segment_size=args.segment,
+            memory_type="armt",
+            armt_d_mem=args.d_mem,
+            diagonal_batching=variant == "diagonal",
+        )
+        model = RMTForCausalLM(config).to(dtype)
+        with torch.no_grad():  # a memory that is written, as after training
+            for layer in model.memory.layers:
+                layer.W_mv.weight.normal_(0.0, 0.02)
+    return model.to(args.device).eval()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_one(args: argparse.Namespace) -> dict:
+    """Child process: time one variant at one length; report seconds and peak memory."""
+    model = build(args, args.variant, args.length)
+    ids = torch.randint(10, 1000, (args.batch, args.length), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):  # the first pass warms up
+            synchronize(args.device)
+            start = time.perf_counter()
+            logits = model(input_ids=ids, logits_to_keep=1).logits
+            synchronize(args.device)
+            times.append(time.perf_counter() - start)
+    result = {"variant": args.variant, "length": args.length, "seconds": min(times[1:]), "all_seconds": times[1:],
+              "last_logit_norm": float(logits.float().norm())}  # fmt: skip
+    if args.device.startswith("cuda"):
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def child_command(args: argparse.Namespace, variant: str, length: int) -> list[str]:
+    command = [sys.executable, __file__, "--child", "--variant", variant, "--length", str(length)]
+    for name in ("device", "dtype", "preset", "segment", "memory", "d_mem", "batch", "repeats"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return command
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--segment", type=int, default=112)
+    parser.add_argument("--memory", type=int, default=16)
+    parser.add_argument("--d-mem", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--full-attention-max", type=int, default=16384, help="longest input for the full backbone")
+    parser.add_argument("--output", default="benchmarks/results/diagonal_cpu.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure_one(args)))
+        return
+    rows = []
+    for length in args.lengths:
+        variants = [v for v in VARIANTS if v != "full-attention" or length <= args.full_attention_max]
+        for variant in variants:
+            done = subprocess.run(child_command(args, variant, length), capture_output=True, text=True)
+            if done.returncode != 0:
+                rows.append({"variant": variant, "length": length, "error": done.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    summary = []
+    for length in args.lengths:
+        by_variant = {r["variant"]: r for r in rows if r["length"] == length and "seconds" in r}
+        if {"sequential", "diagonal"} <= by_variant.keys():
+            entry = {"length": length, "speedup_vs_sequential": by_variant["sequential"]["seconds"]
+                     / by_variant["diagonal"]["seconds"]}  # fmt: skip
+            if "full-attention" in by_variant:
+                entry["speedup_vs_full_attention"] = (
+                    by_variant["full-attention"]["seconds"] / by_variant["diagonal"]["seconds"]
+                )
+            summary.append(entry)
+            print(json.dumps(entry))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    setting = {k: v for k, v in vars(args).items() if k not in ("child", "variant", "length", "output")}
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name()
+    Path(args.output).write_text(json.dumps({"setting": setting, "machine": machine, "rows": rows,
+                                             "summary": summary}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
