@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +16,6 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.modeling_outputs import ModelOutput
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
 from .diagonal import diagonal_segments
@@ -30,48 +28,11 @@ from .generation import (
     prefill,
 )
 from .memory import AssociativeMemory, MemoryState, TokenMemory, build_memory
+from .outputs import RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
 from .segmenting import Segment, SegmentPlan, plan_segments
 
 # Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
 HEAD_KWARGS = ("num_labels", "id2label", "label2id", "problem_type", "classifier_dropout")
-
-
-@dataclass
-class RMTModelOutput(ModelOutput):
-    """Output of `RMTModel`.
-
-    last_hidden_state: the final segment's last-layer states `[batch, length, hidden]`, laid out as
-        `[CLS] memory [SEP] tokens [SEP]` (padding after the content).
-    memory_state: the memory after the final segment; pass it back as `memory_state` to continue.
-    segment_hidden_states: per step, the last-layer states of every document (zeros for documents
-        with no tokens at that step); only with `output_hidden_states=True`.
-    segments_mask: `[batch, steps]`, True where a document had tokens at that step.
-    """
-
-    last_hidden_state: torch.Tensor | None = None
-    memory_state: torch.Tensor | None = None
-    segment_hidden_states: tuple[torch.Tensor, ...] | None = None
-    segments_mask: torch.Tensor | None = None
-
-
-@dataclass
-class RMTSequenceClassifierOutput(ModelOutput):
-    """Output of `RMTForSequenceClassification`.
-
-    loss: on the final segment's logits, or the mean over segments (`config.segment_loss`).
-    logits: the backbone head's logits on each document's final segment, `[batch, num_labels]`.
-    memory_state: the memory after the final segment.
-    segment_logits: `[batch, steps, num_labels]` logits after every step (zeros where a document had
-        no tokens); only with `output_segment_logits=True`.
-    segment_hidden_states, segments_mask: as in `RMTModelOutput`.
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    memory_state: torch.Tensor | None = None
-    segment_logits: torch.Tensor | None = None
-    segment_hidden_states: tuple[torch.Tensor, ...] | None = None
-    segments_mask: torch.Tensor | None = None
 
 
 def _scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -435,23 +396,6 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
                 f"labels have shape {shape} and dtype {labels.dtype}; a {problem} head with {num_labels} labels "
                 f"expects {expected} for a batch of {batch_size} documents."
             )
-
-
-@dataclass
-class RMTCausalLMOutput(ModelOutput):
-    """Output of `RMTForCausalLM`.
-
-    loss: next-token cross-entropy over all segments, the shift crossing segment boundaries.
-    logits: `[batch, length, vocab]` in the input's layout (the last `logits_to_keep` positions if set).
-    memory_state: the memory after the final segment (while generating: the memory the current
-        segment reads).
-    past_key_values: the generation cache (`RMTGenerationCache`) when decoding.
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    memory_state: torch.Tensor | None = None
-    past_key_values: RMTGenerationCache | None = None
 
 
 class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):

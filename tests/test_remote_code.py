@@ -22,7 +22,8 @@ from modeling_rmt.tools.backbones import minilm_path
 from modeling_rmt.tools.demo import synthetic_document
 
 HUB_FILES = {"config.json", "model.safetensors", "configuration_rmt.py", "modeling_rmt.py", "memory.py",
-             "segmenting.py", "generation.py", "diagonal.py", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+             "segmenting.py", "generation.py", "diagonal.py", "outputs.py", "tokenizer.json",
+             "tokenizer_config.json"}  # fmt: skip
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # A fresh process in which the project's packages cannot be imported, whatever is installed.
