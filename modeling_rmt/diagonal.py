@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, stack_module_state, vmap
 
 from .memory import AssociativeMemory, LayerInputsCaptured, associative_read, associative_write
 
@@ -63,27 +63,17 @@ class GroupedLayer:
     def __init__(self, layers: list[nn.Module]) -> None:
         template = copy.deepcopy(layers[0]).to("meta")
         self.grouped: list[GroupedModule] = []
-        self._paths: list[str] = []
+        paths: list[str] = []
         for path, module in list(template.named_modules()):
             holds = list(module.named_parameters(recurse=False)) or list(module.named_buffers(recurse=False))
-            if not holds or any(path.startswith(g + ".") for g in self._paths):
+            if not holds or any(path.startswith(grouped + ".") for grouped in paths):
                 continue
-            stacked = {
-                name: torch.stack([layer.get_submodule(path).get_parameter(name) for layer in layers]).detach()
-                for name, _ in module.named_parameters()
-            }
-            stacked.update(
-                {
-                    name: torch.stack([layer.get_submodule(path).get_buffer(name) for layer in layers])
-                    for name, _ in module.named_buffers()
-                }
-            )
-            grouped = GroupedModule(module, stacked)
-            if path:
-                template.set_submodule(path, grouped)
-            else:
+            if not path:
                 raise ValueError("The backbone's layer holds weights of its own; diagonal batching cannot group it.")
-            self._paths.append(path)
+            params, buffers = stack_module_state([layer.get_submodule(path) for layer in layers])
+            grouped = GroupedModule(module, {name: value.detach() for name, value in {**params, **buffers}.items()})
+            template.set_submodule(path, grouped)
+            paths.append(path)
             self.grouped.append(grouped)
         self.template = template
 

@@ -142,7 +142,7 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             "past_key_values or cache_implementation (continue a document with memory_state instead)."
         )
     plan = model._plan(input_ids, attention_mask, None)
-    state = model._read(plan.without_last_segments(), _per_sequence(model.memory, memory_state, plan.batch_size))
+    state = model._read(plan.without_last_segments(), memory_state)
     config, device = model.config, input_ids.device
     read, _ = memory_slots(model.memory, state)
     num_read = read.shape[1]
@@ -169,17 +169,6 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     )
     hidden, _ = cache.append(model, embeds, valid, offset.clamp(min=0), valid_on_device)
     return model.lm_head_logits(hidden[:, -1:]), cache
-
-
-def _per_sequence(memory: Any, memory_state: Any, batch_size: int) -> Any:
-    """A state given per prompt, repeated for each of its beams or returned sequences (generate()
-    expands tensors in its kwargs itself, but not ARMT's (A, z) tuple)."""
-    if memory_state is None or not isinstance(memory_state, tuple) or not memory_state:
-        return memory_state
-    given = memory.batch_size(memory_state)
-    if given and given != batch_size and batch_size % given == 0:
-        return tuple(part.repeat_interleave(batch_size // given, dim=0) for part in memory_state)
-    return memory_state
 
 
 def decode(model: Any, cache: RMTGenerationCache, token_ids: torch.Tensor) -> torch.Tensor:
@@ -236,6 +225,16 @@ def _decode_one(model: Any, cache: RMTGenerationCache, token: torch.Tensor) -> t
 
 class RMTGenerationMixin(GenerationMixin):
     """`generate()` for RMTForCausalLM: every GenerationMixin strategy runs over our cache object."""
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: Any = None, **model_kwargs: Any
+    ) -> tuple[Any, dict[str, Any]]:
+        """As transformers does for beams and returned sequences, and also for ARMT's (A, z) memory
+        state: transformers expands only the tensors among the kwargs, not tuples of them."""
+        memory_state = model_kwargs.get("memory_state")
+        if isinstance(memory_state, tuple) and expand_size > 1:
+            model_kwargs["memory_state"] = tuple(part.repeat_interleave(expand_size, dim=0) for part in memory_state)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def prepare_inputs_for_generation(
         self,

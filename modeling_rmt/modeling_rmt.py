@@ -226,10 +226,13 @@ class RMTPreTrainedModel(PreTrainedModel):
             state = memory.update(state, segment.rows, memory.write(current, written))
             yield segment, outputs, state
 
-    def _run_backbone(self, state: MemoryState, memory_index: torch.Tensor, **backbone_inputs: Any) -> tuple:
-        """One backbone call with the memory attached; returns (outputs, what the memory positions wrote)."""
+    def _run_backbone(
+        self, module: nn.Module, state: MemoryState, memory_index: torch.Tensor, **backbone_inputs: Any
+    ) -> tuple:
+        """Call `module` (the backbone or its base model) with the memory attached; returns (outputs,
+        what the memory positions wrote)."""
         with self.memory.reading(state, memory_index) as recording:
-            outputs = self.backbone(**backbone_inputs)
+            outputs = module(**backbone_inputs)
         hidden = outputs.last_hidden_state if "last_hidden_state" in outputs else (outputs.hidden_states or [None])[-1]
         return outputs, self.memory.collect(recording, hidden, memory_index)
 
@@ -287,8 +290,9 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
             )
         memory_index = torch.arange(1, 1 + num_mem, device=ids.device).expand(active, -1)
         return self._run_backbone(
-            state, memory_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **backbone_kwargs
-        )
+            self.backbone, state, memory_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            **backbone_kwargs,
+        )  # fmt: skip
 
 
 class RMTModel(RMTEncoderPreTrainedModel):
@@ -428,12 +432,11 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         counts = segment.attention_mask.sum(dim=1)
         read, write = memory_slots(self.memory, state)
         inputs_embeds, attention_mask, position_ids, write_index = decoder_segment_inputs(embedded, counts, read, write)
-        with self.memory.reading(state, write_index) as recording:
-            hidden = self.backbone.base_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
-        written = self.memory.collect(recording, hidden, write_index)
-        return hidden[:, read.shape[1] : read.shape[1] + embedded.shape[1]], written
+        outputs, written = self._run_backbone(
+            self.backbone.base_model, state, write_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, use_cache=False,
+        )  # fmt: skip
+        return outputs.last_hidden_state[:, read.shape[1] : read.shape[1] + embedded.shape[1]], written
 
     def forward(
         self,

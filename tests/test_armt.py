@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import encode, random_documents, tiny_classifier
-from test_causal_lm import SEGMENT, generate, left_pad, prompts, tiny_lm
+from test_causal_lm import SEGMENT, answer_accuracy, generate, left_pad, prompts, tiny_lm, train_on_answers
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_rmt import RMTConfig, RMTForCausalLM
@@ -298,22 +298,10 @@ def train_overwrite_recall(memory_type: str, steps: int) -> float:
     text_config = AutoConfig.for_model("llama", vocab_size=VOCAB, **DECODERS["llama"], **TOKENS)
     extra = {"memory_type": "armt", "armt_d_mem": 16} if memory_type == "armt" else {}
     model = RMTForCausalLM(RMTConfig(text_config=text_config, num_mem_tokens=1, segment_size=2, **extra))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        ids = overwrite_batch(64, generator)
-        labels = torch.full_like(ids, -100)
-        labels[:, -1] = ids[:, -1]
-        loss = model(input_ids=ids, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    train_on_answers(model, lambda: overwrite_batch(64, generator), steps, lr=3e-3)
     test = overwrite_batch(512, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        answer = model.generate(input_ids=test[:, :-1], max_new_tokens=1, do_sample=False, pad_token_id=0)[:, -1]
-    return (answer == test[:, -1]).float().mean().item()
+    return answer_accuracy(model, test[:, :-1], test[:, -1])
 
 
 @pytest.mark.slow

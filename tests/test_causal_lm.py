@@ -217,13 +217,12 @@ def recall_batch(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([keys, values, filler, torch.full((size, 1), 2), keys, values], dim=1)
 
 
-def train_recall(model, window: int | None, steps: int = 300) -> float:
-    """Train on the answer token only; return greedy `generate()` accuracy on held-out sequences."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
+def train_on_answers(model, next_batch, steps: int, lr: float) -> None:
+    """Train with the loss on each sequence's last (answer) token only."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        ids = recall_batch(64, generator)[:, -(window or 0) :]
+        ids = next_batch()
         labels = torch.full_like(ids, -100)
         labels[:, -1] = ids[:, -1]
         loss = model(input_ids=ids, labels=labels).loss
@@ -231,11 +230,22 @@ def train_recall(model, window: int | None, steps: int = 300) -> float:
         loss.backward()
         optimizer.step()
     model.eval()
-    test = recall_batch(256, torch.Generator().manual_seed(1))
-    prompt = test[:, :-1][:, -(window - 1) :] if window else test[:, :-1]
+
+
+def answer_accuracy(model, prompt: torch.Tensor, answers: torch.Tensor) -> float:
+    """Share of prompts whose greedy `generate()` next token is the answer."""
     with torch.no_grad():
         answer = model.generate(input_ids=prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)[:, -1]
-    return (answer == test[:, -1]).float().mean().item()
+    return (answer == answers).float().mean().item()
+
+
+def train_recall(model, window: int | None, steps: int = 300) -> float:
+    """Train on the answer token only; return greedy `generate()` accuracy on held-out sequences."""
+    generator = torch.Generator().manual_seed(0)
+    train_on_answers(model, lambda: recall_batch(64, generator)[:, -(window or 0) :], steps, lr=1e-3)
+    test = recall_batch(256, torch.Generator().manual_seed(1))
+    prompt = test[:, :-1][:, -(window - 1) :] if window else test[:, :-1]
+    return answer_accuracy(model, prompt, test[:, -1])
 
 
 def test_trained_rmt_recalls_a_pair_from_two_segments_back_where_the_bare_backbone_cannot():
