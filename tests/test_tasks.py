@@ -57,6 +57,11 @@ def test_the_answer_follows_from_the_facts_in_the_document(tokenizer, noise, tas
                 assert (sample.target, asked.group(1), asked.group(2)) in relations
             else:  # "What is the hub D of?" -> the place the hub is D of: that place is opposite(D) of the hub
                 assert (sample.target, DIRECTIONS[asked.group(4)], asked.group(3)) in relations
+        elif task == "qa1":  # the last place the person asked about went to, facts kept in story order
+            moves = FACT.findall(sample.input)
+            assert [f"{n} {v} the {p}." for n, v, p in moves] == sample.facts and len(moves) >= 2
+            asked = sample.question.removeprefix("Where is ").removesuffix("?")
+            assert [place for name, _, place in moves if name == asked][-1] == sample.target
         else:
             (name, _, place), *others = FACT.findall(sample.input)
             assert not others and sample.question == f"Where is {name}?" and place == sample.target

@@ -2,7 +2,9 @@
 
 - memorize: one fact at the start of the document, the question at its end;
 - detect_memorize: one fact at a random sentence boundary;
-- reasoning: two facts at random boundaries (bAbI two-argument relations); the answer needs both.
+- reasoning: two facts at random boundaries (bAbI two-argument relations); the answer needs both;
+- qa1: BABILong's first task: a story of several people moving, in order at random boundaries; the
+  answer is where the person asked about went last.
 
 Facts follow bAbI templates ("Mary travelled to the office." / "Where is Mary?"); the answer is one of
 six places. Noise is Project Gutenberg text shipped with this package (`noise/`): Shakespeare for
@@ -25,7 +27,8 @@ NAMES = ("Mary", "John", "Daniel", "Sandra")
 VERBS = ("travelled to", "went to", "moved to", "journeyed to", "went back to")
 PLACES = ("office", "bathroom", "garden", "hallway", "kitchen", "bedroom")
 DIRECTIONS = {"north": "south", "south": "north", "east": "west", "west": "east"}
-TASKS = ("memorize", "detect_memorize", "reasoning")
+TASKS = ("memorize", "detect_memorize", "reasoning", "qa1")
+QA1_FACTS = (2, 8)  # a qa1 story has this many movements (inclusive range)
 NOISE_FOLDER = Path(__file__).parent / "noise"
 NOISE_CORPORA = ("shakespeare", "milton")
 ID2LABEL = dict(enumerate(PLACES))
@@ -72,6 +75,12 @@ def task_facts(task: str, rng: np.random.Generator) -> tuple[list[str], str, str
     if task in ("memorize", "detect_memorize"):
         name, verb, place = NAMES[rng.integers(4)], VERBS[rng.integers(5)], PLACES[rng.integers(6)]
         return [f"{name} {verb} the {place}."], f"Where is {name}?", place
+    if task == "qa1":
+        moves = [(NAMES[rng.integers(4)], VERBS[rng.integers(5)], PLACES[rng.integers(6)])
+                 for _ in range(rng.integers(QA1_FACTS[0], QA1_FACTS[1] + 1))]  # fmt: skip
+        asked = moves[rng.integers(len(moves))][0]
+        last_place = [place for name, _, place in moves if name == asked][-1]
+        return [f"{name} {verb} the {place}." for name, verb, place in moves], f"Where is {asked}?", last_place
     if task == "reasoning":
         hub, first, second = (PLACES[i] for i in rng.permutation(6)[:3])
         toward_first, toward_second = (list(DIRECTIONS)[i] for i in rng.permutation(4)[:2])
