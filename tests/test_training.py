@@ -104,8 +104,8 @@ def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_globa
     one = train_main(run_args(tiny_backbone, tmp_path / "one", *common))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # Several CPU processes: accelerate's torchrun launcher (`--multi_gpu`) with the gloo backend, no GPU needed.
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "-m", "modeling_rmt.training.train",
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modeling_rmt.training.train",
                *run_args(tiny_backbone, tmp_path / "two", *common, "--batch-size", "2")]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -113,3 +113,33 @@ def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_globa
     assert json.loads((two / "training_args.json").read_text())["world_size"] == 2
     assert logged_losses(two) == pytest.approx(logged_losses(one), rel=1e-4)
     assert len(logged_losses(one)) == 3
+
+
+def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tmp_path):
+    from model_cards.generate import render_card, validate
+    from modeling_rmt.training.evaluate_lengths import describe_run, wilson_interval
+    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+
+    final = train_main(run_args(tiny_backbone, tmp_path / "run", "--max-steps", "2", "--stages", "1"))
+    results_path = tmp_path / "results.json"
+    results_path.write_text(json.dumps(describe_run(final, "rmt-tiny", "org/rmt-tiny", "test CPU")))
+    common = [str(final), "--results", str(results_path), "--tasks", "memorize", "--batch-size", "3"]
+    first = evaluate_main([*common, "--segments", "1", "--samples", "5"])
+    (cell,) = first["evaluation"]
+    assert cell["num_tokens"] == SEGMENT and cell["samples"] == 5 and cell["noise"] == "milton"
+    assert cell["accuracy"] == cell["correct"] / 5 and cell["ci95"] == list(wilson_interval(cell["correct"], 5))
+    cell["seconds"] = -1.0  # a marker: a rerun must keep finished cells, not recompute them
+    results_path.write_text(json.dumps(first))
+    second = evaluate_main([*common, "--segments", "1", "3", "--samples", "5", "4"])
+    assert [(c["segments"], c["samples"]) for c in second["evaluation"]] == [(1, 5), (3, 4)]
+    assert second["evaluation"][0]["seconds"] == -1.0
+    card = render_card(validate(json.loads(results_path.read_text())))
+    assert "rmt-tiny" in card and f"{3 * SEGMENT:,}" in card
+
+
+def test_wilson_interval_covers_the_measured_accuracy():
+    from modeling_rmt.training.evaluate_lengths import wilson_interval
+
+    low, high = wilson_interval(95, 100)
+    assert low < 0.95 < high and 0.88 < low < 0.9 and 0.97 < high < 0.99
+    assert wilson_interval(8, 8)[1] == 1.0 and wilson_interval(8, 8)[0] > 0.6

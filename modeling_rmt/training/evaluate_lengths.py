@@ -47,6 +47,39 @@ def save_results(path: Path, results: dict) -> None:
     temporary.replace(path)  # never leave a half-written results file
 
 
+def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
+    """The card fields of a results JSON from a training run's `final/` folder (written by `train.py`)."""
+    settings = json.loads((final / "training_args.json").read_text())
+    curriculum = json.loads((final / "curriculum.json").read_text())
+    history = json.loads((final / "log_history.json").read_text())
+    config = json.loads((final / "config.json").read_text())
+    runtime = sum(entry.get("train_runtime", 0.0) for entry in history)
+    steps = max((entry.get("step", 0) for entry in history), default=0)
+    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
+                     if key in ("lr", "batch_size", "segment_size", "num_mem_tokens", "memory_type"))  # fmt: skip
+    return {
+        "name": name, "repo_id": repo_id, "model_class": "RMTForSequenceClassification",
+        "pipeline_tag": "text-classification", "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+        "license": "apache-2.0", "datasets": [],
+        "config": {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")},
+        "training": {
+            "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
+            "stages": curriculum["stages"], "steps": steps, "batch_size": settings["batch_size"] * settings.get(
+                "world_size", 1) * settings["grad_accum"], "learning_rate": settings["lr"], "hardware": hardware,
+            "hours": round(runtime / 3600, 2),
+            "command": f"python -m modeling_rmt.training.train --output-dir runs/{name} {flags}",
+            "curriculum_history": curriculum["history"],
+        },
+        "limitations": [
+            "Trained and evaluated on synthetic memory tasks only: bAbI-style facts hidden in public-domain "
+            "literary text. It is not a general question-answering or retrieval model.",
+            "The answer is one of six places (office, bathroom, garden, hallway, kitchen, bedroom) for questions "
+            "like 'Where is Mary?' about the people of the bAbI templates (Mary, John, Daniel, Sandra).",
+            "Accuracy at the longest lengths is measured on few documents (see n and the 95% intervals).",
+        ],
+    }  # fmt: skip
+
+
 @torch.no_grad()
 def evaluate_cell(model, tokenizer, noise, task: str, num_tokens: int, samples: int, batch_size: int, seed: int):
     """Accuracy of `model` on `samples` documents of `num_tokens` tokens; returns (correct, seconds)."""
