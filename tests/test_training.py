@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,14 +98,13 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
 
 
 def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_global_batch(tiny_backbone, tmp_path):
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate's launcher is not installed")
     common = ["--max-steps", "3", "--stages", "2", "--eval-steps", "100", "--save-steps", "100"]
     one = train_main(run_args(tiny_backbone, tmp_path / "one", *common))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # Several CPU processes: accelerate's torchrun launcher (`--multi_gpu`) with the gloo backend, no GPU needed.
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "modeling_rmt.training.train",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "modeling_rmt.training.train",
                *run_args(tiny_backbone, tmp_path / "two", *common, "--batch-size", "2")]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
