@@ -20,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
 from transformers import pipeline  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.checkpoint, "config.json").is_file():
         raise SystemExit(f"No checkpoint at {args.checkpoint}: pass --checkpoint FOLDER (a trained RMT classifier).")
 
-    classifier = pipeline("text-classification", model=args.checkpoint, trust_remote_code=True, device="cpu")
+    classifier = pipeline(
+        "text-classification", model=args.checkpoint, trust_remote_code=True, device="cpu", dtype=torch.float32
+    )  # the weights are stored in float16; CPUs compute in float32
     tokenizer, config = classifier.tokenizer, classifier.model.config
     sample = make_sample(args.task, TokenizedNoise(tokenizer, "milton"), tokenizer, args.tokens, DEMO_SEED, args.seed)
     document = f"{sample.input} {sample.question}"

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
     trainer = Trainer(
         model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy, processing_class=tokenizer,
         callbacks=[CurriculumCallback(curriculum)] + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else []),
     )  # fmt: skip
     if last:
