@@ -1,0 +1,494 @@
+"""Recurrent Memory Transformer models around any supported Transformers backbone."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+
+from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
+from .diagonal import diagonal_segments
+from .generation import (
+    RMTGenerationCache,
+    RMTGenerationMixin,
+    decode,
+    decoder_segment_inputs,
+    memory_slots,
+    prefill,
+)
+from .memory import AssociativeMemory, MemoryState, TokenMemory, build_memory
+from .outputs import RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
+from .segmenting import Segment, SegmentPlan, plan_segments
+
+# Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
+HEAD_KWARGS = ("num_labels", "id2label", "label2id", "problem_type", "classifier_dropout")
+
+
+def _scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Place the active documents' `values` into a zero tensor covering the whole batch."""
+    if rows.numel() == batch_size:
+        return values
+    full = values.new_zeros((batch_size, *values.shape[1:]))
+    return full.index_copy(0, rows, values)
+
+
+class BaseModelHolder(nn.Module):
+    """Holds a base model under its own prefix (e.g. `bert`), so its weights keep the keys they have
+    inside a task model: checkpoints of RMTModel and of the task heads load into each other."""
+
+    def __init__(self, base_model: PreTrainedModel) -> None:
+        super().__init__()
+        self.prefix = base_model.base_model_prefix
+        self.add_module(self.prefix, base_model)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return getattr(self, self.prefix)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+
+class RMTPreTrainedModel(PreTrainedModel):
+    """Shared machinery: building around a backbone, weight init and the segment recurrence."""
+
+    config_class = RMTConfig
+    config: RMTConfig
+    base_model_prefix = "rmt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _backbone_auto_class: Any = AutoModel
+    _hold_base_model = False  # keep a base-model backbone under its prefix (see BaseModelHolder)
+
+    def __init__(self, config: RMTConfig, backbone: PreTrainedModel | None = None) -> None:
+        if backbone is not None:  # the backbone's head decides the labels
+            config.text_config = backbone.config
+            config.id2label, config.label2id = dict(backbone.config.id2label), dict(backbone.config.label2id)
+        config.sync_labels_to_backbone()
+        config.validate_rmt()
+        super().__init__(config)
+        if backbone is None:
+            backbone = self._backbone_auto_class.from_config(
+                config.text_config, attn_implementation=config._attn_implementation
+            )
+        # One config object for wrapper and backbone, with an explicit attention implementation: a
+        # backbone left at None loses padding invariance on some versions.
+        config.text_config._attn_implementation = backbone.config._attn_implementation or "sdpa"
+        backbone.config = config.text_config
+        self._backbone_takes_token_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
+        self.backbone = BaseModelHolder(backbone) if self._hold_base_model else backbone
+        self.memory = build_memory(config, backbone)  # ARMT wraps the backbone's layers
+        self._check_backbone(config)
+        self.post_init()
+
+    def _check_backbone(self, config: RMTConfig) -> None:
+        """Raise ValueError when this head cannot run on the configured backbone."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (TokenMemory, AssociativeMemory)):
+            init.normal_(module.memory_tokens, mean=0.0, std=self._initializer_range)
+
+    @property
+    def _initializer_range(self) -> float:
+        return getattr(self.config.text_config, "initializer_range", 0.02)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """As transformers does, then ARMT's layer memories: they sit inside the backbone, whose own
+        `_init_weights` would treat them as ordinary linear layers. Loaded weights are left alone."""
+        super().initialize_weights()
+        for layer in getattr(self.memory, "layers", ()):
+            # queries and keys of unit scale whatever the width: the DPFP features are products of pairs
+            for weight in (layer.W_mq.weight, layer.W_mk.weight):
+                init.normal_(weight, mean=0.0, std=weight.shape[1] ** -0.5)
+            init.normal_(layer.W_mb.weight, mean=0.0, std=self._initializer_range)
+            init.zeros_(layer.W_mb.bias)
+            init.zeros_(layer.W_mv.weight)  # W_mv = 0: an untrained ARMT equals its backbone
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        pretrained_model_name_or_path: str,
+        *,
+        num_mem_tokens: int = 10,
+        segment_size: int | None = None,
+        tokenizer: Any = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
+    ) -> RMTPreTrainedModel:
+        """Wrap a pretrained backbone with memory, keeping its weights.
+
+        `segment_size` defaults to the largest that fits the backbone's positions. Special-token ids
+        come from `tokenizer` (or the backbone's own tokenizer). Head settings such as `num_labels`
+        and loading options in `backbone_kwargs` (e.g. `dtype`) go to the backbone.
+        """
+        backbone_kwargs = dict(backbone_kwargs or {})
+        for key in HEAD_KWARGS:
+            if key in config_kwargs:
+                backbone_kwargs[key] = config_kwargs.pop(key)
+        backbone = cls._backbone_auto_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path)
+        for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
+            config_kwargs.setdefault(name, getattr(tokenizer, name, None))
+        if segment_size is None:
+            overhead = segment_overhead(backbone.config, num_mem_tokens, config_kwargs.get("memory_type", "rmt"))
+            segment_size = backbone_position_limit(backbone.config) - overhead
+        config = RMTConfig(
+            text_config=backbone.config, num_mem_tokens=num_mem_tokens, segment_size=segment_size, **config_kwargs
+        )
+        model = cls(config, backbone=backbone)
+        embeddings = model.get_input_embeddings().weight
+        with torch.no_grad():  # memory starts at the scale of the pretrained token embeddings
+            model.memory.memory_tokens.normal_(0.0, float(embeddings.float().std()))
+        return model.to(device=embeddings.device, dtype=embeddings.dtype)
+
+    # ----- the recurrence -------------------------------------------------------------------------
+
+    _alignment: str | None = None  # None: config.segment_alignment
+
+    def _plan(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None
+    ) -> SegmentPlan:
+        if input_ids is None:
+            raise ValueError("input_ids are required: pass the tokenizer's output for whole documents.")
+        config = self.config
+        decoder = is_decoder_family(config.text_config)  # decoders keep every token, pad ids included
+        plan = plan_segments(
+            input_ids,
+            attention_mask,
+            token_type_ids if self._backbone_takes_token_types else None,
+            segment_size=config.segment_size,
+            cls_token_id=None if decoder else config.cls_token_id,
+            sep_token_id=None if decoder else config.sep_token_id,
+            pad_token_id=config.pad_token_id,
+            alignment=self._alignment or config.segment_alignment,
+            padding_needs_mask=not decoder,
+        )
+        if decoder and plan.compacted:  # logits and the KV cache follow the input's own columns
+            raise ValueError("The attention_mask has holes inside a sequence; pass contiguous sequences.")
+        cap = config.max_n_segments
+        if cap is not None and self.training and torch.is_grad_enabled() and plan.num_segments > cap:
+            raise ValueError(
+                f"A training document needs {plan.num_segments} segments but config.max_n_segments is {cap}; "
+                "shorten the training documents or raise max_n_segments (inference has no cap)."
+            )
+        return plan
+
+    def _segments(
+        self, plan: SegmentPlan, memory_state: MemoryState | None, **backbone_kwargs: Any
+    ) -> Iterator[tuple[Segment, Any, MemoryState]]:
+        """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
+        memory, steps = self.memory, plan.num_segments
+        state = self._initial_state(plan.batch_size, memory_state)
+        if self.config.diagonal_batching and not self.training:  # the same cells, run diagonally
+            yield from diagonal_segments(self, plan, state, **backbone_kwargs)
+            return
+        first_step = plan.grid_offset // plan.segment_size
+        for step in range(steps):
+            segment = plan.segment(step)
+            if 0 <= self.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
+                state = memory.detach(state, first_step <= step)  # of documents that have started
+            current = memory.select(state, segment.rows)
+            outputs, written = self._process_segment(segment, current, **backbone_kwargs)
+            state = memory.update(state, segment.rows, memory.write(current, written))
+            yield segment, outputs, state
+
+    def _run_backbone(
+        self, module: nn.Module, state: MemoryState, memory_index: torch.Tensor, **backbone_inputs: Any
+    ) -> tuple:
+        """Call `module` (the backbone or its base model) with the memory attached; returns (outputs,
+        what the memory positions wrote)."""
+        with self.memory.reading(state, memory_index) as recording:
+            outputs = module(**backbone_inputs)
+        hidden = outputs.last_hidden_state if "last_hidden_state" in outputs else (outputs.hidden_states or [None])[-1]
+        return outputs, self.memory.collect(recording, hidden, memory_index)
+
+    def _initial_state(self, batch_size: int, memory_state: MemoryState | None) -> MemoryState:
+        if memory_state is None:
+            return self.memory.init_state(batch_size)
+        self.memory.check_state(memory_state, batch_size)
+        return memory_state
+
+    def _read(self, plan: SegmentPlan, memory_state: MemoryState | None) -> MemoryState:
+        """The memory after reading every segment of `plan` (outputs are discarded)."""
+        final = self._initial_state(plan.batch_size, memory_state)
+        for _, _, state in self._segments(plan, final):
+            final = state
+        return final
+
+    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
+        """Run one segment reading memory `state`; return (outputs, what the memory positions wrote)."""
+        raise NotImplementedError
+
+
+class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
+    """Encoder RMT: every segment is `[CLS] memory [SEP] tokens [SEP]`."""
+
+    def _check_backbone(self, config: RMTConfig) -> None:
+        if is_decoder_family(config.text_config):
+            raise ValueError(
+                f"{type(self).__name__} needs an encoder backbone; {config.text_config.model_type!r} is a decoder: "
+                "use RMTForCausalLM."
+            )
+        for name in ("cls_token_id", "sep_token_id"):
+            if getattr(config, name) is None:
+                raise ValueError(
+                    f"config.{name} is not set; pass {name}=tokenizer.{name.removesuffix('_id')}_token_id "
+                    "(from_backbone reads it from the backbone's tokenizer)."
+                )
+
+    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
+        """Run `[CLS] memory [SEP] tokens [SEP]` through the backbone; return (outputs, memory outputs)."""
+        config, ids, mask = self.config, segment.input_ids, segment.attention_mask
+        active, num_mem = ids.shape[0], config.num_mem_tokens
+        lengths = mask.sum(dim=1, keepdim=True)
+        tail = torch.cat([ids, ids.new_full((active, 1), config.pad_token_id or 0)], dim=1)
+        tail = tail.scatter(1, lengths, config.sep_token_id)
+        tail_mask = torch.cat([mask, mask.new_zeros((active, 1))], dim=1).scatter(1, lengths, 1)
+        head = ids.new_tensor([config.cls_token_id, config.sep_token_id]).expand(active, 2)
+        embedded = self.get_input_embeddings()(torch.cat([head, tail], dim=1))
+        memory_tokens = self.memory.tokens(state).to(embedded.dtype)
+        inputs_embeds = torch.cat([embedded[:, :1], memory_tokens, embedded[:, 1:]], dim=1)
+        attention_mask = torch.cat([mask.new_ones((active, num_mem + 2)), tail_mask], dim=1)
+        if segment.token_type_ids is not None:
+            tail_types = torch.cat([segment.token_type_ids, segment.token_type_ids.new_zeros((active, 1))], dim=1)
+            backbone_kwargs["token_type_ids"] = torch.cat(
+                [tail_types.new_zeros((active, num_mem + 2)), tail_types.scatter(1, lengths, 0)], dim=1
+            )
+        memory_index = torch.arange(1, 1 + num_mem, device=ids.device).expand(active, -1)
+        return self._run_backbone(
+            self.backbone, state, memory_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            **backbone_kwargs,
+        )  # fmt: skip
+
+
+class RMTModel(RMTEncoderPreTrainedModel):
+    """The memory-augmented backbone: hidden states of the final segment and the memory."""
+
+    _hold_base_model = True
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        memory_state: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> RMTModelOutput | tuple:
+        plan = self._plan(input_ids, attention_mask, token_type_ids)
+        segment_states = [] if output_hidden_states else None
+        for segment, outputs, state in self._segments(plan, memory_state):  # noqa: B007 (final state)
+            if segment_states is not None:
+                segment_states.append(_scatter_rows(segment.rows, outputs.last_hidden_state, plan.batch_size))
+        output = RMTModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            memory_state=state,
+            segment_hidden_states=tuple(segment_states) if segment_states is not None else None,
+            segments_mask=plan.active_mask(),
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
+    """Encoder RMT: memory carries each document through its segments; the backbone's own head
+    classifies the final segment."""
+
+    _backbone_auto_class = AutoModelForSequenceClassification
+    # The loss is a mean over documents, so Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        memory_state: torch.Tensor | None = None,
+        output_segment_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> RMTSequenceClassifierOutput | tuple:
+        plan = self._plan(input_ids, attention_mask, token_type_ids)
+        if labels is not None:
+            self._check_labels(labels, plan.batch_size)
+        mean_loss = labels is not None and self.config.segment_loss == "mean"
+        segment_logits, segment_states = [], []
+        loss_sums = None
+        for segment, outputs, state in self._segments(plan, memory_state, output_hidden_states=True):  # noqa: B007
+            if output_segment_logits:
+                segment_logits.append(_scatter_rows(segment.rows, outputs.logits, plan.batch_size))
+            if output_hidden_states:
+                segment_states.append(_scatter_rows(segment.rows, outputs.hidden_states[-1], plan.batch_size))
+            if mean_loss:  # each document's loss, summed over its segments
+                row_losses = torch.stack(
+                    [self.loss_function(labels[row : row + 1], outputs.logits[i : i + 1], self.config)
+                     for i, row in enumerate(segment.rows.tolist())]
+                )  # fmt: skip
+                loss_sums = row_losses.new_zeros(plan.batch_size) if loss_sums is None else loss_sums
+                loss_sums = loss_sums.index_add(0, segment.rows, row_losses)
+        logits = outputs.logits  # every document is active at the last step, in batch order
+        loss = None
+        if labels is not None:
+            if mean_loss:  # the mean over each document's segments, then over documents
+                loss = (loss_sums / plan.segments_per_document.to(loss_sums.dtype)).mean()
+            else:
+                loss = self.loss_function(labels, logits, self.config)
+        output = RMTSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            memory_state=state,
+            segment_logits=torch.stack(segment_logits, dim=1) if output_segment_logits else None,
+            segment_hidden_states=tuple(segment_states) if output_hidden_states else None,
+            segments_mask=plan.active_mask(),
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
+        """Check labels against the problem type the loss will use (inferred as transformers does)."""
+        num_labels, shape = self.config.num_labels, tuple(labels.shape)
+        integer = not labels.is_floating_point()
+        problem = self.config.problem_type or (
+            "regression"
+            if num_labels == 1
+            else "single_label_classification"
+            if labels.dtype in (torch.long, torch.int)
+            else "multi_label_classification"
+        )
+        if problem == "single_label_classification":
+            valid, expected = integer and shape in {(batch_size,), (batch_size, 1)}, f"class indices ({batch_size},)"
+        elif problem == "multi_label_classification":
+            valid, expected = not integer and shape == (batch_size, num_labels), f"floats ({batch_size}, {num_labels})"
+        else:
+            shapes = {(batch_size,), (batch_size, 1)} if num_labels == 1 else {(batch_size, num_labels)}
+            valid, expected = not integer and shape in shapes, f"floats ({batch_size}, {num_labels})"
+        if not valid:
+            raise ValueError(
+                f"labels have shape {shape} and dtype {labels.dtype}; a {problem} head with {num_labels} labels "
+                f"expects {expected} for a batch of {batch_size} documents."
+            )
+
+
+class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
+    """Decoder RMT: every segment is `[read memory] tokens [write memory]` under the backbone's causal
+    mask, positions restarting in each segment; next memory = last-layer states at the write positions."""
+
+    _backbone_auto_class = AutoModelForCausalLM
+    _alignment = "start"  # segments are cut from each document's first token
+    # Decoding state lives in our own cache: generate() must not roll it back (assisted decoding).
+    _is_stateful = True
+
+    def _check_backbone(self, config: RMTConfig) -> None:
+        if not is_decoder_family(config.text_config):
+            raise ValueError(
+                f"RMTForCausalLM needs a decoder backbone; {config.text_config.model_type!r} is an encoder: "
+                "use RMTForSequenceClassification."
+            )
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_output_embeddings()(hidden)
+
+    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
+        embedded = self.get_input_embeddings()(segment.input_ids)
+        counts = segment.attention_mask.sum(dim=1)
+        read, write = memory_slots(self.memory, state)
+        inputs_embeds, attention_mask, position_ids, write_index = decoder_segment_inputs(embedded, counts, read, write)
+        outputs, written = self._run_backbone(
+            self.backbone.base_model, state, write_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            position_ids=position_ids, use_cache=False,
+        )  # fmt: skip
+        return outputs.last_hidden_state[:, read.shape[1] : read.shape[1] + embedded.shape[1]], written
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        memory_state: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RMTCausalLMOutput | tuple:
+        if isinstance(past_key_values, RMTGenerationCache):  # decoding: continue the cached segments
+            logits = decode(self, past_key_values, input_ids)
+            output = RMTCausalLMOutput(logits=logits, memory_state=past_key_values.memory_state,
+                                       past_key_values=past_key_values)  # fmt: skip
+        elif use_cache and labels is None:  # the first call of generate(): read the prompt
+            logits, cache = prefill(self, input_ids, attention_mask, memory_state, past_key_values)
+            output = RMTCausalLMOutput(logits=logits, memory_state=cache.memory_state, past_key_values=cache)
+        else:
+            output = self._full_forward(input_ids, attention_mask, labels, memory_state, logits_to_keep, **kwargs)
+        return output if return_dict is not False else output.to_tuple()
+
+    def _full_forward(self, input_ids, attention_mask, labels, memory_state, logits_to_keep, **loss_kwargs):
+        plan = self._plan(input_ids, attention_mask, None)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}; pass one label "
+                "per input token (-100 where no loss is wanted)."
+            )
+        if labels is not None and logits_to_keep:
+            raise ValueError("logits_to_keep keeps only the last logits; it cannot be combined with labels.")
+        length = input_ids.shape[1]
+        first_kept = length - logits_to_keep if logits_to_keep else 0
+        kept_rows, kept_columns, kept_hidden = [], [], []
+        for segment, token_hidden, state in self._segments(plan, memory_state):  # noqa: B007
+            width = token_hidden.shape[1]
+            columns = segment.first_column[:, None] + torch.arange(width, device=input_ids.device)
+            selected = segment.attention_mask.bool() & (columns >= first_kept)
+            kept_rows.append(segment.rows[:, None].expand(-1, width)[selected])
+            kept_columns.append(columns[selected] - first_kept)
+            kept_hidden.append(token_hidden[selected])
+        hidden = token_hidden.new_zeros((plan.batch_size, length - first_kept, token_hidden.shape[-1]))
+        hidden = hidden.index_put((torch.cat(kept_rows), torch.cat(kept_columns)), torch.cat(kept_hidden))
+        logits = self.lm_head_logits(hidden)
+        loss = None
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
+        return RMTCausalLMOutput(loss=loss, logits=logits, memory_state=state)
+
+
+__all__ = ["RMTModel", "RMTForSequenceClassification", "RMTForCausalLM", "RMTPreTrainedModel"]

@@ -1,0 +1,57 @@
+"""The committed trained checkpoint `checkpoints/rmt-minilm`: Hub-ready, small, and it answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from conversion.export import HUB_FILES
+from modeling_rmt.training.tasks import PLACES, TokenizedNoise, make_sample, with_special_tokens
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "rmt-minilm"
+TEST_SEED = 5_000_011  # documents neither training, validation, the length evaluation nor the demo used
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    model = AutoModelForSequenceClassification.from_pretrained(CHECKPOINT, trust_remote_code=True, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(CHECKPOINT)
+
+
+def test_the_folder_is_hub_ready_float16_and_under_60_mb():
+    files = {path.name for path in CHECKPOINT.iterdir()}
+    assert set(HUB_FILES) | {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= files
+    weights = CHECKPOINT / "model.safetensors"
+    assert weights.stat().st_size < 60 * 2**20
+    with safe_open(weights, "pt") as handle:
+        assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.float16}
+    config = json.loads((CHECKPOINT / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_rmt.RMTForSequenceClassification"
+    assert [config["id2label"][str(i)] for i in range(6)] == list(PLACES)
+
+
+@pytest.mark.parametrize("task, least_correct", [("memorize", 19), ("detect_memorize", 17)])
+def test_it_answers_held_out_documents_of_its_training_length(model_and_tokenizer, task, least_correct):
+    model, tokenizer = model_and_tokenizer
+    noise = TokenizedNoise(tokenizer, "milton")
+    samples = [make_sample(task, noise, tokenizer, 7 * model.config.segment_size, TEST_SEED, i) for i in range(20)]
+    rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in samples]
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    with torch.no_grad():
+        predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    correct = int((predicted == torch.tensor([sample.label for sample in samples])).sum())
+    assert correct >= least_correct  # chance: about 3 of 20
+
+
+def test_the_text_classification_pipeline_reads_a_long_document_whole():
+    classifier = pipeline("text-classification", model=str(CHECKPOINT), trust_remote_code=True, dtype=torch.float32)
+    sample = make_sample("memorize", TokenizedNoise(classifier.tokenizer, "milton"), classifier.tokenizer, 3_000,
+                         TEST_SEED, 99)  # fmt: skip
+    assert classifier(f"{sample.input} {sample.question}")[0]["label"] == sample.target
