@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -142,3 +143,49 @@ def test_wilson_interval_covers_the_measured_accuracy():
     low, high = wilson_interval(95, 100)
     assert low < 0.95 < high and 0.88 < low < 0.9 and 0.97 < high < 0.99
     assert wilson_interval(8, 8)[1] == 1.0 and wilson_interval(8, 8)[0] > 0.6
+
+
+def test_decoder_documents_put_the_loss_on_the_answer_only(tiny_backbone):
+    from modeling_rmt.training.decoder import IGNORE, DecoderCollator, decoder_item
+    from modeling_rmt.training.tasks import make_sample
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    sample = make_sample("qa1", TokenizedNoise(tokenizer), tokenizer, 200, seed=0, index=3)
+    item = decoder_item(tokenizer, sample)
+    answer = [label for label in item["labels"] if label != IGNORE]
+    assert item["input_ids"][: len(sample.input_ids)] == sample.input_ids
+    assert item["input_ids"][-len(answer) :] == answer and answer[-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(answer[:-1]).strip() == sample.target
+    other = decoder_item(tokenizer, make_sample("qa1", TokenizedNoise(tokenizer), tokenizer, 120, seed=0, index=4))
+    batch = DecoderCollator(tokenizer.pad_token_id)([item, other])
+    assert (
+        batch["labels"].shape == batch["input_ids"].shape
+        and (batch["labels"][1, len(other["labels"]) :] == IGNORE).all()
+    )
+    assert batch["attention_mask"].sum(1).tolist() == [len(item["input_ids"]), len(other["input_ids"])]
+
+
+def test_answer_accuracy_needs_every_answer_token_and_skips_padding_rows():
+    from transformers import EvalPrediction
+
+    from modeling_rmt.training.decoder import IGNORE, answer_accuracy
+
+    labels = np.array([[IGNORE, IGNORE, 7, 8], [IGNORE, IGNORE, 7, 8], [IGNORE, 5, 6, IGNORE], [IGNORE] * 4])
+    predictions = np.array([[0, 7, 8, 0], [0, 7, 9, 0], [5, 6, 0, 0], [0, 0, 0, 0]])  # row t predicts label t+1
+    assert answer_accuracy(EvalPrediction(predictions=predictions, label_ids=labels))["accuracy"] == pytest.approx(
+        2 / 3
+    )
+
+
+def test_a_decoder_trains_on_qa1_from_scratch_and_loads_as_a_causal_lm(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    final = train_main(["--head", "causal-lm", "--output-dir", str(tmp_path / "decoder"), "--segment-size", "96",
+                        "--num-mem-tokens", "4", "--stages", "1", "--max-steps", "2", "--eval-steps", "2",
+                        "--eval-size", "4", "--batch-size", "2", "--no-progress"])  # fmt: skip
+    history = json.loads((final / "log_history.json").read_text())
+    assert any("eval_accuracy" in entry for entry in history)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.memory_type == "rmt" and model.config.text_config.model_type == "llama"
+    prompt = torch.tensor([[101, 2073, 2003, 2984, 1029]])
+    assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 8)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .decoder import ANSWER_RESERVE, decoder_item
 from .tasks import TASKS, TokenizedNoise, make_sample, with_special_tokens
 
 CURRICULUM_FILE = "curriculum.json"
@@ -122,7 +123,8 @@ class CurriculumCallback(TrainerCallback):
 
 class CurriculumTaskDataset(torch.utils.data.Dataset):
     """Memory-task documents of the curriculum's current length, built on access from (seed, index):
-    `num_segments * segment_size` tokens, tasks taken in turn. Items are encoder inputs with labels."""
+    `num_segments * segment_size` tokens, tasks taken in turn. Items are encoder inputs with a label
+    (`head="classification"`) or decoder inputs with the answer as labels (`head="causal-lm"`)."""
 
     def __init__(
         self,
@@ -133,12 +135,16 @@ class CurriculumTaskDataset(torch.utils.data.Dataset):
         segment_size: int,
         size: int,
         seed: int,
+        head: str = "classification",
     ) -> None:
         unknown = [task for task in tasks if task not in TASKS]
         if unknown:
             raise ValueError(f"Unknown tasks {unknown}: use {TASKS}.")
         self.tasks, self.tokenizer, self.noise = list(tasks), tokenizer, noise
         self.curriculum, self.segment_size, self.size, self.seed = curriculum, segment_size, size, seed
+        if head not in ("classification", "causal-lm"):
+            raise ValueError(f"Unknown head {head!r}: use 'classification' or 'causal-lm'.")
+        self.head = head
 
     def __len__(self) -> int:
         return self.size
@@ -146,6 +152,9 @@ class CurriculumTaskDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, list[int] | int]:
         task = self.tasks[index % len(self.tasks)]
         length = self.curriculum.num_segments * self.segment_size
+        if self.head == "causal-lm":  # the answer and end token come after the document, in its last segment
+            sample = make_sample(task, self.noise, self.tokenizer, length - ANSWER_RESERVE, self.seed, index)
+            return decoder_item(self.tokenizer, sample)
         sample = make_sample(task, self.noise, self.tokenizer, length, self.seed, index)
         ids = with_special_tokens(self.tokenizer, sample.input_ids)
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": sample.label}

@@ -29,10 +29,11 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from conversion.from_backbone import long_document_tokenizer
-from modeling_rmt import RMTForSequenceClassification
+from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
+from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder
 from .tasks import ID2LABEL, LABEL2ID, TokenizedNoise
 
 VALIDATION_SEED_OFFSET = 1_000_003  # validation documents never share a seed with training ones
@@ -45,8 +46,12 @@ def accuracy(prediction) -> dict[str, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--backbone", default=None, help="encoder folder or id (default: the offline MiniLM)")
-    parser.add_argument("--tasks", nargs="+", default=["memorize", "detect_memorize"])
+    parser.add_argument("--head", choices=["classification", "causal-lm"], default="classification")
+    parser.add_argument("--backbone", default=None, help="encoder (or decoder) folder or id (default: MiniLM)")
+    parser.add_argument("--decoder-preset", default="llama-tiny", help="causal-lm without --backbone: a Llama "
+                        "from scratch of this size (modeling_rmt.training.decoder.DECODER_PRESETS)")  # fmt: skip
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the backbone's or MiniLM's)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: memorize detect_memorize; qa1 (causal-lm)")
     parser.add_argument("--noise", default="shakespeare", help="noise corpus for training and validation")
     parser.add_argument("--memory-type", choices=["rmt", "armt"], default="rmt")
     parser.add_argument("--num-mem-tokens", type=int, default=10)
@@ -85,7 +90,13 @@ class StopAtStep(TrainerCallback):
         return control
 
 
-def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassification:
+def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassification | RMTForCausalLM:
+    if args.head == "causal-lm":
+        if args.backbone is None:
+            return build_decoder(args.decoder_preset, tokenizer, args.num_mem_tokens, args.segment_size,
+                                 args.memory_type)  # fmt: skip
+        return RMTForCausalLM.from_backbone(args.backbone, tokenizer=tokenizer, num_mem_tokens=args.num_mem_tokens,
+                                            segment_size=args.segment_size, memory_type=args.memory_type)  # fmt: skip
     backbone_kwargs = {}
     if args.dropout is not None:
         backbone_kwargs = {"hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout}
@@ -98,10 +109,14 @@ def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassifica
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    args.backbone = args.backbone or str(minilm_path())
+    decoder = args.head == "causal-lm"
+    if not decoder:
+        args.backbone = args.backbone or str(minilm_path())
+    args.tasks = args.tasks or (["qa1"] if decoder else ["memorize", "detect_memorize"])
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
-    tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(args.backbone))
+    tokenizer_source = args.tokenizer or args.backbone or str(minilm_path())
+    tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     curriculum = (
         Curriculum.load(last)
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     noise = TokenizedNoise(tokenizer, args.noise)
     common = dict(tasks=args.tasks, tokenizer=tokenizer, noise=noise, curriculum=curriculum,
-                  segment_size=args.segment_size)  # fmt: skip
+                  segment_size=args.segment_size, head=args.head)  # fmt: skip
     # One epoch = max_steps global batches of distinct documents (the same for any number of processes).
     global_batch = args.batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
     train_data = CurriculumTaskDataset(**common, size=args.max_steps * global_batch, seed=args.seed)
@@ -126,7 +141,9 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
     trainer = Trainer(
         model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy, processing_class=tokenizer,
+        data_collator=DecoderCollator(tokenizer.pad_token_id) if decoder else DataCollatorWithPadding(tokenizer),
+        compute_metrics=answer_accuracy if decoder else accuracy, processing_class=tokenizer,
+        preprocess_logits_for_metrics=answer_predictions if decoder else None,
         callbacks=[CurriculumCallback(curriculum)] + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else []),
     )  # fmt: skip
     if last:

@@ -1,0 +1,76 @@
+"""Training a decoder RMT (`RMTForCausalLM`) on the memory tasks, e.g. BABILong-style qa1.
+
+A document is `input question answer [SEP]` with the loss on the answer (and the end token) only;
+accuracy is the share of documents whose answer tokens are all predicted (teacher-forced argmax).
+With no pretrained decoder offline, `build_decoder` makes a small Llama from scratch over the given
+tokenizer's vocabulary (`DECODER_PRESETS`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlamaConfig
+
+from modeling_rmt import RMTConfig, RMTForCausalLM
+
+from .tasks import TaskSample
+
+IGNORE = -100
+ANSWER_RESERVE = 6  # tokens kept free at the end of a curriculum document for the answer and end token
+DECODER_PRESETS: dict[str, dict] = {
+    "llama-tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+    "llama-small": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024),
+}
+
+
+def build_decoder(
+    preset: str, tokenizer, num_mem_tokens: int, segment_size: int, memory_type: str = "rmt"
+) -> RMTForCausalLM:
+    """A randomly initialised RMT decoder over `tokenizer`'s vocabulary, sized by `preset`."""
+    if preset not in DECODER_PRESETS:
+        raise ValueError(f"Unknown decoder preset {preset!r}: use one of {sorted(DECODER_PRESETS)}.")
+    positions = segment_size + 2 * num_mem_tokens
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=True,
+        **DECODER_PRESETS[preset],
+    )  # fmt: skip
+    config = RMTConfig(text_config=text_config, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
+                       memory_type=memory_type, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return RMTForCausalLM(config)
+
+
+def decoder_item(tokenizer, sample: TaskSample) -> dict[str, list[int]]:
+    """`input question answer [SEP]` with labels on the answer and the end token only."""
+    answer = tokenizer(" " + sample.target, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    ids = sample.input_ids + answer
+    labels = [IGNORE] * len(sample.input_ids) + answer
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+class DecoderCollator:
+    """Right-pads input ids (pad token), attention masks (0) and labels (-100)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in items)
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE}
+        return {key: torch.tensor([item[key] + [value] * (width - len(item[key])) for item in items])
+                for key, value in fill.items()}  # fmt: skip
+
+
+def answer_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`preprocess_logits_for_metrics`: keep the argmax only (the logits are length x vocabulary)."""
+    return logits.argmax(-1)
+
+
+def answer_accuracy(prediction) -> dict[str, float]:
+    """Share of documents whose every answer token is the argmax at the position before it."""
+    predicted, labels = np.asarray(prediction.predictions), np.asarray(prediction.label_ids)
+    shifted_predictions, targets = predicted[:, :-1], labels[:, 1:]
+    scored = targets != IGNORE
+    right = ((shifted_predictions == targets) | ~scored).all(axis=1)
+    return {"accuracy": float(right[scored.any(axis=1)].mean())}
