@@ -180,16 +180,24 @@ def front_matter(results: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+def _cell(entry: dict[str, Any]) -> str:
+    """`96.5% (n=200)`, with the 95% interval when the results give one: `96.5% (n=200; 93.0-98.3%)`."""
+    interval = entry.get("ci95")
+    if not interval:
+        return f"{entry['accuracy']:.1%} (n={entry['samples']})"
+    return f"{entry['accuracy']:.1%} (n={entry['samples']}; {interval[0]:.1%}-{interval[1]:.1%})"
+
+
 def accuracy_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per length (tokens, segments), one column per task, accuracy and samples."""
+    """Markdown table: one row per length (tokens, segments), one column per task: accuracy, samples and
+    the 95% interval where measured."""
     tasks = _tasks(results)
     cells = {(e["num_tokens"], e["task"]): e for e in results["evaluation"]}
     lengths = sorted({e["num_tokens"] for e in results["evaluation"]})
     lines = ["| tokens | segments | " + " | ".join(tasks) + " |", "|---:|---:|" + "---:|" * len(tasks)]
     for tokens in lengths:
         segments = sorted({e["segments"] for e in results["evaluation"] if e["num_tokens"] == tokens})
-        row = [f"{cells[tokens, t]['accuracy']:.1%} (n={cells[tokens, t]['samples']})" if (tokens, t) in cells else "-"
-               for t in tasks]  # fmt: skip
+        row = [_cell(cells[tokens, t]) if (tokens, t) in cells else "-" for t in tasks]
         lines.append(f"| {tokens:,} | {'/'.join(map(str, segments))} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -261,7 +269,8 @@ def render_card(results: dict[str, Any]) -> str:
         "",
         "## Evaluation",
         "",
-        f"Accuracy by document length (n: samples per cell); noise text: {'; '.join(noises)}.",
+        f"Accuracy by document length (n: documents per cell, then the 95% Wilson interval where measured); "
+        f"noise text: {'; '.join(noises)}.",
         "",
         accuracy_table(results),
     ]

@@ -60,7 +60,7 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
     return {
         "name": name, "repo_id": repo_id, "model_class": "RMTForSequenceClassification",
         "pipeline_tag": "text-classification", "base_model": "sentence-transformers/all-MiniLM-L6-v2",
-        "license": "apache-2.0", "datasets": [],
+        "license": "apache-2.0", "datasets": [], "plot": f"{name}_accuracy.png",
         "config": {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")},
         "training": {
             "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
