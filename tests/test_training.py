@@ -84,11 +84,12 @@ def test_training_moves_through_the_curriculum_and_saves_a_loadable_model(tiny_b
     assert all(math.isfinite(loss) for loss in logged_losses(final).values())
 
 
-def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tiny_backbone, tmp_path):
+@pytest.mark.parametrize("stop", [2, 3])  # 2: the curriculum moves on right at the checkpoint
+def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tiny_backbone, tmp_path, stop):
     common = ["--max-steps", "6", "--stages", "1", "2", "--advance-at", "0.0"]
     whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *common))
-    stopped = train_main(run_args(tiny_backbone, tmp_path / "parts", *common, "--stop-at-step", "3"))
-    assert not (stopped / "final").exists() and (stopped / "checkpoint-3").is_dir()
+    stopped = train_main(run_args(tiny_backbone, tmp_path / "parts", *common, "--stop-at-step", str(stop)))
+    assert not (stopped / "final").exists() and (stopped / f"checkpoint-{stop}").is_dir()
     resumed = train_main(run_args(tiny_backbone, tmp_path / "parts", *common))
     assert Curriculum.load(resumed) == Curriculum.load(whole)
     assert logged_losses(resumed) == pytest.approx(logged_losses(whole), rel=1e-5)
@@ -96,6 +97,21 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     assert weights.keys() == reference.keys()
     for name in weights:
         torch.testing.assert_close(weights[name], reference[name], rtol=1e-5, atol=1e-6)
+    before = (resumed / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="has finished"):  # a finished run is never trained over
+        train_main(run_args(tiny_backbone, tmp_path / "parts", *common))
+    assert (resumed / "model.safetensors").read_bytes() == before
+
+
+def test_training_documents_take_the_length_of_their_step(tiny_backbone):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    plan = Curriculum([1, 3])
+    data = CurriculumTaskDataset(["memorize"], tokenizer, TokenizedNoise(tokenizer), plan, SEGMENT, size=40, seed=0,
+                                 global_batch=4)  # fmt: skip
+    plan.advance(step=2, reason="test")  # decided after step 2: step 3's batch was already built
+    lengths = [len(data[i]["input_ids"]) - 2 for i in range(16)]  # steps 1..4, four documents each
+    assert max(lengths[:12]) <= SEGMENT < min(lengths[12:])
+    assert plan.segments_at_step(3) == 1 and plan.segments_at_step(4) == 3
 
 
 def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_global_batch(tiny_backbone, tmp_path):

@@ -20,6 +20,9 @@ from .decoder import ANSWER_RESERVE, decoder_item
 from .tasks import TASKS, TokenizedNoise, make_sample, with_special_tokens
 
 CURRICULUM_FILE = "curriculum.json"
+# A stage decided after step k trains from step k + 2: the data loader has already built step k + 1's
+# batch when step k's evaluation runs, and a run resumed from checkpoint-k must build the same one.
+EFFECT_DELAY = 2
 
 
 @dataclass
@@ -51,6 +54,11 @@ class Curriculum:
     @property
     def num_segments(self) -> int:
         return self.stages[self.stage]
+
+    def segments_at_step(self, step: int) -> int:
+        """Segments per document in the training batch of optimizer step `step` (1-based)."""
+        started = sum(1 for entry in self.history if entry["step"] + EFFECT_DELAY <= step)
+        return self.stages[started]
 
     @property
     def finished(self) -> bool:
@@ -122,9 +130,14 @@ class CurriculumCallback(TrainerCallback):
 
 
 class CurriculumTaskDataset(torch.utils.data.Dataset):
-    """Memory-task documents of the curriculum's current length, built on access from (seed, index):
+    """Memory-task documents of the curriculum's length, built on access from (seed, index):
     `num_segments * segment_size` tokens, tasks taken in turn. Items are encoder inputs with a label
-    (`head="classification"`) or decoder inputs with the answer as labels (`head="causal-lm"`)."""
+    (`head="classification"`) or decoder inputs with the answer as labels (`head="causal-lm"`).
+
+    With `global_batch` (training) the data must be read in order (`train_sampling_strategy="sequential"`;
+    each document is random anyway): item `index` belongs to optimizer step `index // global_batch + 1`
+    and has that step's length, so a resumed run builds exactly the batches an uninterrupted one did.
+    Without it (validation) documents have the current stage's length."""
 
     def __init__(
         self,
@@ -136,6 +149,7 @@ class CurriculumTaskDataset(torch.utils.data.Dataset):
         size: int,
         seed: int,
         head: str = "classification",
+        global_batch: int | None = None,
     ) -> None:
         unknown = [task for task in tasks if task not in TASKS]
         if unknown:
@@ -144,14 +158,17 @@ class CurriculumTaskDataset(torch.utils.data.Dataset):
         self.curriculum, self.segment_size, self.size, self.seed = curriculum, segment_size, size, seed
         if head not in ("classification", "causal-lm"):
             raise ValueError(f"Unknown head {head!r}: use 'classification' or 'causal-lm'.")
-        self.head = head
+        self.head, self.global_batch = head, global_batch
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> dict[str, list[int] | int]:
         task = self.tasks[index % len(self.tasks)]
-        length = self.curriculum.num_segments * self.segment_size
+        if self.global_batch:  # training data, read in order: item `index` belongs to one optimizer step
+            length = self.curriculum.segments_at_step(index // self.global_batch + 1) * self.segment_size
+        else:  # validation: the current stage
+            length = self.curriculum.num_segments * self.segment_size
         if self.head == "causal-lm":  # the answer and end token come after the document, in its last segment
             sample = make_sample(task, self.noise, self.tokenizer, length - ANSWER_RESERVE, self.seed, index)
             return decoder_item(self.tokenizer, sample)

@@ -32,18 +32,31 @@ def build_decoder(
         raise ValueError(f"Unknown decoder preset {preset!r}: use one of {sorted(DECODER_PRESETS)}.")
     positions = segment_size + 2 * num_mem_tokens
     text_config = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=positions, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), max_position_embeddings=positions, pad_token_id=pad_token_id(tokenizer),
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=end_token_id(tokenizer), tie_word_embeddings=True,
         **DECODER_PRESETS[preset],
     )  # fmt: skip
     config = RMTConfig(text_config=text_config, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
-                       memory_type=memory_type, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                       memory_type=memory_type, pad_token_id=pad_token_id(tokenizer))  # fmt: skip
     return RMTForCausalLM(config)
 
 
+def end_token_id(tokenizer) -> int:
+    """The token that ends an answer: [SEP] for WordPiece vocabularies, else the end-of-sequence token."""
+    token = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a [SEP] nor an end-of-sequence token to end answers.")
+    return token
+
+
+def pad_token_id(tokenizer) -> int:
+    """The padding token, or the end token where the tokenizer has none (GPT-2, Llama)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer)
+
+
 def decoder_item(tokenizer, sample: TaskSample) -> dict[str, list[int]]:
-    """`input question answer [SEP]` with labels on the answer and the end token only."""
-    answer = tokenizer(" " + sample.target, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    """`input question answer <end>` with labels on the answer and the end token only."""
+    answer = tokenizer(" " + sample.target, add_special_tokens=False)["input_ids"] + [end_token_id(tokenizer)]
     ids = sample.input_ids + answer
     labels = [IGNORE] * len(sample.input_ids) + answer
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
@@ -72,5 +85,5 @@ def answer_accuracy(prediction) -> dict[str, float]:
     predicted, labels = np.asarray(prediction.predictions), np.asarray(prediction.label_ids)
     shifted_predictions, targets = predicted[:, :-1], labels[:, 1:]
     scored = targets != IGNORE
-    right = ((shifted_predictions == targets) | ~scored).all(axis=1)
-    return {"accuracy": float(right[scored.any(axis=1)].mean())}
+    right = ((shifted_predictions == targets) | ~scored).all(axis=1)[scored.any(axis=1)]
+    return {"accuracy": float(right.mean()) if right.size else 0.0}

@@ -1,12 +1,14 @@
-"""Train an RMT classifier on the memory tasks with a segment curriculum; resumes where it stopped.
+"""Train an RMT on the memory tasks with a segment curriculum; resumes where it stopped.
 
     python -m modeling_rmt.training.train --output-dir runs/rmt-minilm            # MiniLM, memorize + detect
+    python -m modeling_rmt.training.train --head causal-lm --output-dir runs/rmt-qa1 --segment-size 256
+                                                                    # a small Llama from scratch on qa1
     accelerate launch --multi_gpu --num_processes 2 -m modeling_rmt.training.train ...  # several processes
 
 Each run writes Trainer checkpoints (`checkpoint-N/`, with `curriculum.json`) every `--save-steps`
 steps; started again with the same `--output-dir` it continues from the newest one: same weights,
 optimizer, schedule, data position and curriculum stage. The final model, its code and tokenizer are
-saved to `OUTPUT_DIR/final`.
+saved to `OUTPUT_DIR/final`; once it exists the run is finished and a rerun refuses to touch it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
-from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder
+from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id
 from .tasks import ID2LABEL, LABEL2ID, TokenizedNoise
 
 VALIDATION_SEED_OFFSET = 1_000_003  # validation documents never share a seed with training ones
@@ -92,6 +94,8 @@ class StopAtStep(TrainerCallback):
 
 def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassification | RMTForCausalLM:
     if args.head == "causal-lm":
+        if args.dropout is not None:
+            raise SystemExit("--dropout applies to encoder backbones; set a decoder's dropout in its config.")
         if args.backbone is None:
             return build_decoder(args.decoder_preset, tokenizer, args.num_mem_tokens, args.segment_size,
                                  args.memory_type)  # fmt: skip
@@ -117,18 +121,27 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     tokenizer_source = args.tokenizer or args.backbone or str(minilm_path())
     tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
+    if (output_dir / "final").exists():
+        raise SystemExit(
+            f"{output_dir / 'final'} exists: this run has finished. Use a new --output-dir (or move that "
+            "folder away) to train again; nothing was changed."
+        )
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    curriculum = (
-        Curriculum.load(last)
-        if last and (Path(last) / "curriculum.json").is_file()
-        else Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps)
-    )
+    curriculum = Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps)
+    if last and (Path(last) / "curriculum.json").is_file():
+        saved = Curriculum.load(last)
+        settings = ("stages", "advance_at", "patience", "every_steps")
+        changed = [name for name in settings if getattr(saved, name) != getattr(curriculum, name)]
+        if changed:
+            print(f"resuming with the checkpoint's curriculum settings; ignoring the new {', '.join(changed)}")
+        curriculum = saved
     noise = TokenizedNoise(tokenizer, args.noise)
     common = dict(tasks=args.tasks, tokenizer=tokenizer, noise=noise, curriculum=curriculum,
                   segment_size=args.segment_size, head=args.head)  # fmt: skip
     # One epoch = max_steps global batches of distinct documents (the same for any number of processes).
     global_batch = args.batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
-    train_data = CurriculumTaskDataset(**common, size=args.max_steps * global_batch, seed=args.seed)
+    train_data = CurriculumTaskDataset(**common, size=args.max_steps * global_batch, seed=args.seed,
+                                       global_batch=global_batch)  # fmt: skip
     validation = CurriculumTaskDataset(**common, size=args.eval_size, seed=args.seed + VALIDATION_SEED_OFFSET)
     training_args = TrainingArguments(
         output_dir=str(output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
@@ -137,11 +150,11 @@ def main(argv: list[str] | None = None) -> Path:
         eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=[], seed=args.seed, bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=args.no_progress, dataloader_num_workers=0,
-        remove_unused_columns=False, ddp_find_unused_parameters=False,
+        remove_unused_columns=False, ddp_find_unused_parameters=False, train_sampling_strategy="sequential",
     )  # fmt: skip
     trainer = Trainer(
         model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
-        data_collator=DecoderCollator(tokenizer.pad_token_id) if decoder else DataCollatorWithPadding(tokenizer),
+        data_collator=DecoderCollator(pad_token_id(tokenizer)) if decoder else DataCollatorWithPadding(tokenizer),
         compute_metrics=answer_accuracy if decoder else accuracy, processing_class=tokenizer,
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
         callbacks=[CurriculumCallback(curriculum)] + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else []),
@@ -149,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
     if last:
         print(f"resuming from {last} at {curriculum.num_segments} segments per document")
     trainer.train(resume_from_checkpoint=last)
-    if args.stop_at_step and trainer.state.global_step < args.max_steps:
+    if args.stop_at_step and trainer.state.global_step >= args.stop_at_step < args.max_steps:
         print(f"stopped at step {trainer.state.global_step}; run again with the same --output-dir to resume")
         return output_dir
     final = output_dir / "final"
