@@ -314,7 +314,7 @@ def convert_state_dict(
     layout = detect_layout(state) if layout == "auto" else layout
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}.")
-    if tokenizer is not None and len(tokenizer) != text_config.vocab_size:
+    if tokenizer is not None and len(tokenizer) > text_config.vocab_size:  # padded embeddings are fine
         raise ValueError(
             f"The tokenizer has {len(tokenizer)} tokens but the {text_config.model_type} backbone's embeddings have "
             f"{text_config.vocab_size} rows (vocab_size of the --backbone config); pass the backbone's own tokenizer."
@@ -372,6 +372,9 @@ def convert_authors_checkpoint(
 
     The tokenizer is `tokenizer` if given, else the backbone folder's own if it has one, else none.
     """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"Output folder {output_dir} exists and is not empty: choose a new folder (nothing written).")
     state = load_authors_checkpoint(source)
     text_config = backbone if isinstance(backbone, PreTrainedConfig) else AutoConfig.from_pretrained(str(backbone))
     if tokenizer is None and isinstance(backbone, (str, Path)) and Path(backbone).is_dir():
@@ -380,7 +383,6 @@ def convert_authors_checkpoint(
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     model, report = convert_state_dict(state, text_config, layout=layout, tokenizer=tokenizer, **kwargs)
-    output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     if tokenizer is not None:
         long_document_tokenizer(tokenizer).save_pretrained(output_dir)

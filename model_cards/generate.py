@@ -40,6 +40,7 @@ TASK_DESCRIPTIONS = {
     "memorize": "one fact at the start of the document, the question at its end",
     "detect_memorize": "one fact at a random sentence boundary, the question at the end",
     "reasoning": "two facts at random sentence boundaries; the answer needs both",
+    "qa1": "a story of 2-8 moves at random sentence boundaries; the answer is where the person asked about went last",
 }
 CITATIONS = """@inproceedings{bulatov2022recurrent,
   title = {Recurrent Memory Transformer},

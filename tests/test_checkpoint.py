@@ -35,6 +35,12 @@ def test_the_folder_is_hub_ready_float16_and_under_60_mb():
     assert [config["id2label"][str(i)] for i in range(6)] == list(PLACES)
 
 
+def test_its_model_code_is_the_current_code():
+    package = Path(__file__).resolve().parents[1] / "modeling_rmt"
+    for name in HUB_FILES:
+        assert (CHECKPOINT / name).read_text() == (package / name).read_text(), f"re-export: {name} changed"
+
+
 @pytest.mark.parametrize("task, least_correct", [("memorize", 19), ("detect_memorize", 17)])
 def test_it_answers_held_out_documents_of_its_training_length(model_and_tokenizer, task, least_correct):
     model, tokenizer = model_and_tokenizer

@@ -288,7 +288,12 @@ def test_command_line_saves_the_tokenizer_and_checks_its_size(tmp_path, capsys):
           "--segment-size", str(LM_SEGMENT), "--num-mem-tokens", str(MEM)])  # fmt: skip
     assert "decoder checkpoint -> RMTForCausalLM" in capsys.readouterr().out
     assert AutoTokenizer.from_pretrained(tmp_path / "out").model_max_length == LONG_DOCUMENT_TOKENS
-    word_tokenizer(50).save_pretrained(tmp_path / "small")
-    with pytest.raises(ValueError, match=rf"50 tokens.*{LM_VOCAB} rows"):
+    word_tokenizer(LM_VOCAB + 8).save_pretrained(tmp_path / "large")  # more tokens than embedding rows
+    with pytest.raises(ValueError, match=rf"{LM_VOCAB + 8} tokens.*{LM_VOCAB} rows"):
         main([str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out2"), "--backbone", str(tmp_path / "backbone"),
-              "--segment-size", str(LM_SEGMENT), "--tokenizer", str(tmp_path / "small")])  # fmt: skip
+              "--segment-size", str(LM_SEGMENT), "--tokenizer", str(tmp_path / "large")])  # fmt: skip
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    with pytest.raises(ValueError, match="not empty"):  # an earlier conversion is never written over
+        main([str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"), "--backbone", str(tmp_path / "backbone"),
+              "--segment-size", str(LM_SEGMENT)])  # fmt: skip
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == saved

@@ -133,14 +133,15 @@ def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_globa
 
 def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tmp_path):
     from model_cards.generate import render_card, validate
-    from modeling_rmt.training.evaluate_lengths import describe_run, wilson_interval
     from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+    from modeling_rmt.training.evaluate_lengths import wilson_interval
 
-    final = train_main(run_args(tiny_backbone, tmp_path / "run", "--max-steps", "2", "--stages", "1"))
+    final = train_main(run_args(tiny_backbone, tmp_path / "rmt-tiny", "--max-steps", "2", "--stages", "1"))
     results_path = tmp_path / "results.json"
-    results_path.write_text(json.dumps(describe_run(final, "rmt-tiny", "org/rmt-tiny", "test CPU")))
     common = [str(final), "--results", str(results_path), "--tasks", "memorize", "--batch-size", "3"]
-    first = evaluate_main([*common, "--segments", "1", "--samples", "5"])
+    first = evaluate_main([*common, "--segments", "1", "--samples", "5", "--run", str(final)])
+    assert first["name"] == "rmt-tiny" and first["model_class"] == "RMTForSequenceClassification"
+    assert "--stages 1" in first["training"]["command"] and first["training"]["steps"] == 2
     (cell,) = first["evaluation"]
     assert cell["num_tokens"] == SEGMENT and cell["samples"] == 5 and cell["noise"] == "milton"
     assert cell["accuracy"] == cell["correct"] / 5 and cell["ci95"] == list(wilson_interval(cell["correct"], 5))
@@ -151,6 +152,12 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
     assert second["evaluation"][0]["seconds"] == -1.0
     card = render_card(validate(json.loads(results_path.read_text())))
     assert "rmt-tiny" in card and f"{3 * SEGMENT:,}" in card
+    kept = results_path.read_text()
+    with pytest.raises(SystemExit, match="another seed"):  # cells of another measurement never mix in
+        evaluate_main([*common, "--segments", "2", "--samples", "2", "--seed", "7"])
+    with pytest.raises(SystemExit, match="another noise"):
+        evaluate_main([*common, "--segments", "2", "--samples", "2", "--noise", "shakespeare"])
+    assert results_path.read_text() == kept
 
 
 def test_wilson_interval_covers_the_measured_accuracy():

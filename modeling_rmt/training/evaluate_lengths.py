@@ -1,16 +1,20 @@
 """Accuracy against document length for a trained RMT classifier on the memory tasks; resumable.
 
     python -m modeling_rmt.training.evaluate_lengths CHECKPOINT --results model_cards/rmt-minilm.json \
-        --tasks memorize detect_memorize --segments 1 7 64 1024 17810 --samples 200 100 32 16 8
+        --run runs/rmt-minilm/final --tasks memorize detect_memorize --segments 1 7 64 1024 17810 \
+        --samples 200 200 50 16 8
 
 Documents are built from held-out seeds on held-out noise (Milton by default; training used Shakespeare).
 Every finished (task, length) cell is written to the results JSON at once, and a rerun skips the cells
-already there, so a long evaluation can stop and go on. `--plot` draws accuracy against tokens.
+already there, so a long evaluation can stop and go on; one results file holds one checkpoint (by the
+SHA-256 of its weights), seed and noise corpus. `--run` starts a new file with the training run's
+description for `model_cards.generate`; `--plot` draws accuracy against tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -21,9 +25,35 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from modeling_rmt.tools.backbones import minilm_path
+
 from .tasks import TokenizedNoise, make_sample, with_special_tokens
 
 HELD_OUT_SEED = 2_000_003  # neither the training seeds (0...) nor the validation ones (1_000_003...)
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
+
+
+def weights_fingerprint(checkpoint: str | Path) -> str:
+    """SHA-256 of a checkpoint's weights: the identity its results are recorded under."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(checkpoint).glob("*.safetensors")):
+        with weights.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_run(results: dict, measured: dict) -> None:
+    """Cells of one results file come from one checkpoint, seed and noise corpus; refuse to mix."""
+    recorded = results.setdefault("evaluated", measured)
+    different = [key for key in measured if key in recorded and recorded[key] != measured[key]]
+    if different:
+        raise SystemExit(
+            f"The results file holds cells measured with another {', '.join(different)} "
+            f"({', '.join(f'{key}={recorded[key]}' for key in different)}): use a new --results file."
+        )
+    recorded.update(measured)
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -53,19 +83,26 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
     curriculum = json.loads((final / "curriculum.json").read_text())
     history = json.loads((final / "log_history.json").read_text())
     config = json.loads((final / "config.json").read_text())
-    runtime = sum(entry.get("train_runtime", 0.0) for entry in history)
+    runtime = sum(entry.get("train_runtime", 0.0) for entry in history)  # of the last (resumed) part only
     steps = max((entry.get("step", 0) for entry in history), default=0)
-    flags = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items()
-                     if key in ("lr", "batch_size", "segment_size", "num_mem_tokens", "memory_type"))  # fmt: skip
+    shown = ("head", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size", "grad_accum", "segment_size",
+             "num_mem_tokens", "memory_type", "decoder_preset")  # fmt: skip
+    flags = " ".join(f"--{key.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+                     for key, value in settings.items() if key in shown and value is not None)  # fmt: skip
+    model_class = config["architectures"][0]
+    backbone = settings.get("backbone")
+    base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
+    if settings.get("head") == "causal-lm" and backbone is None:
+        base_model = f"none ({settings['decoder_preset']} trained from scratch)"
     return {
-        "name": name, "repo_id": repo_id, "model_class": "RMTForSequenceClassification",
-        "pipeline_tag": "text-classification", "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+        "name": name, "repo_id": repo_id, "model_class": model_class,
+        "pipeline_tag": PIPELINE_TAGS[model_class], "base_model": base_model,
         "license": "apache-2.0", "datasets": [], "plot": f"{name}_accuracy.png",
         "config": {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")},
         "training": {
             "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
-            "stages": curriculum["stages"], "steps": steps, "batch_size": settings["batch_size"] * settings.get(
-                "world_size", 1) * settings["grad_accum"], "learning_rate": settings["lr"], "hardware": hardware,
+            "stages": curriculum["stages"], "steps": steps, "learning_rate": settings["lr"], "hardware": hardware,
+            "batch_size": settings["batch_size"] * settings.get("world_size", 1) * settings["grad_accum"],
             "hours": round(runtime / 3600, 2),
             "command": f"python -m modeling_rmt.training.train --output-dir runs/{name} {flags}",
             "curriculum_history": curriculum["history"],
@@ -117,6 +154,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--plot", type=Path, default=None, help="also draw accuracy against length here")
+    parser.add_argument("--run", type=Path, default=None, help="the training run's final/ folder: a new results "
+                        "file starts with its description (name, config, recipe) for the model card")  # fmt: skip
+    parser.add_argument("--name", default=None, help="with --run: the model's name (default: the run folder's)")
+    parser.add_argument("--repo-id", default=None, help="with --run: the Hub repo id (default: ORG/NAME)")
+    parser.add_argument("--hardware", default="unspecified", help="with --run: what it trained on")
     args = parser.parse_args(argv)
     if len(args.samples) not in (1, len(args.segments)):
         parser.error("--samples takes one count or one per --segments value")
@@ -127,6 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to(args.device).eval()
     noise = TokenizedNoise(tokenizer, args.noise)
     results = load_results(args.results)
+    if args.run and "name" not in results:
+        name = args.name or args.run.resolve().parent.name
+        results = {**describe_run(args.run, name, args.repo_id or f"ORG/{name}", args.hardware), **results}
+    check_same_run(results, {"weights_sha256": weights_fingerprint(args.checkpoint), "seed": args.seed,
+                             "noise": args.noise})  # fmt: skip
     cells = results.setdefault("evaluation", [])
     done = {(cell["task"], cell["num_tokens"], cell["noise"]) for cell in cells}
     for task in args.tasks:

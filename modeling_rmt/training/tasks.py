@@ -50,8 +50,12 @@ class TokenizedNoise:
     """A noise corpus tokenized once, sentence by sentence, by one tokenizer."""
 
     def __init__(self, tokenizer, corpus: str = "shakespeare") -> None:
-        self.sentences = noise_sentences(corpus)
-        self.ids = tokenizer(list(self.sentences), add_special_tokens=False)["input_ids"]
+        sentences = noise_sentences(corpus)
+        tokenized = tokenizer(list(sentences), add_special_tokens=False)["input_ids"]
+        kept = [(sentence, ids) for sentence, ids in zip(sentences, tokenized, strict=True) if ids]  # no empty ones
+        if not kept:
+            raise ValueError(f"The noise corpus {corpus!r} has no sentence with tokens.")
+        self.sentences, self.ids = tuple(s for s, _ in kept), [ids for _, ids in kept]
         self.lengths = np.array([len(ids) for ids in self.ids])
         self.by_length = np.argsort(self.lengths, kind="stable")
         self.sorted_lengths = self.lengths[self.by_length]
@@ -94,7 +98,9 @@ def task_facts(task: str, rng: np.random.Generator) -> tuple[list[str], str, str
 def make_sample(task: str, noise: TokenizedNoise, tokenizer, num_tokens: int, seed: int, index: int) -> TaskSample:
     """A document of at most `num_tokens` tokens (input + question) whose noise fills all but the
     facts and the question; the facts sit at sentence boundaries (the first one for memorize)."""
-    rng = np.random.default_rng([seed, index, TASKS.index(task) if task in TASKS else 99])
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
+    rng = np.random.default_rng([seed, index, TASKS.index(task)])
     facts, question, target = task_facts(task, rng)
     fact_ids = tokenizer(facts, add_special_tokens=False)["input_ids"]
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
