@@ -109,6 +109,16 @@ def _check_output(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
         raise ExportError(f"{out_dir} does not look like an earlier export ({what}); refusing to overwrite it")
 
 
+def _drop_local_loading_options(tokenizer_config: Path) -> None:
+    """Loading options of this machine that transformers writes into tokenizer_config.json
+    (`local_files_only`, `is_local`); they describe how it was loaded here, not the tokenizer."""
+    if tokenizer_config.is_file():
+        values = json.loads(tokenizer_config.read_text())
+        dropped = [values.pop(key) for key in ("local_files_only", "is_local") if key in values]
+        if dropped:
+            tokenizer_config.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
+
+
 def _load_model(checkpoint: Path):
     """The checkpoint's model through the installed classes, refusing missing or unexpected weights."""
     config = AutoConfig.from_pretrained(checkpoint)
@@ -242,6 +252,7 @@ def export_checkpoint(
         for name in HUB_FILES:  # the package's current code, whatever save_pretrained picked up
             shutil.copyfile(package / name, staging / name)
         loaded_tokenizer.save_pretrained(staging)
+        _drop_local_loading_options(staging / "tokenizer_config.json")
         if card is not None:
             _copy_card(Path(card), staging)
         else:

@@ -33,6 +33,8 @@ def test_the_folder_is_hub_ready_float16_and_under_60_mb():
     config = json.loads((CHECKPOINT / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_rmt.RMTForSequenceClassification"
     assert [config["id2label"][str(i)] for i in range(6)] == list(PLACES)
+    tokenizer_config = json.loads((CHECKPOINT / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in tokenizer_config and "is_local" not in tokenizer_config  # this machine's
 
 
 def test_its_model_code_is_the_current_code():
