@@ -49,11 +49,9 @@ def test_it_answers_held_out_documents_of_its_training_length(model_and_tokenize
     noise = TokenizedNoise(tokenizer, "milton")
     samples = [make_sample(task, noise, tokenizer, 7 * model.config.segment_size, TEST_SEED, i) for i in range(20)]
     rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in samples]
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
     with torch.no_grad():
-        predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        predicted = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1)
     correct = int((predicted == torch.tensor([sample.label for sample in samples])).sum())
     assert correct >= least_correct  # chance: about 3 of 20
 

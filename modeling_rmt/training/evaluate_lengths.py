@@ -128,12 +128,8 @@ def evaluate_cell(model, tokenizer, noise, task: str, num_tokens: int, samples: 
             for i in range(first, min(samples, first + batch_size))
         ]
         rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in batch]
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         predicted = logits.argmax(-1).cpu()
         correct += int((predicted == torch.tensor([sample.label for sample in batch])).sum())
         progress.update(len(batch))
