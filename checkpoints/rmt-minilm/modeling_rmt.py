@@ -402,9 +402,27 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
             )
 
 
+def _labels_in_window(labels: torch.Tensor, first_kept: int) -> torch.Tensor:
+    """The labels scored by logits kept from column `first_kept` on (the logit at column t predicts the
+    label at t + 1); any label the window cannot score is an error, never silently dropped."""
+    if first_kept == 0:
+        return labels
+    outside = (labels[:, : first_kept + 1] != -100).nonzero()
+    if len(outside):
+        needed = labels.shape[1] - int(outside[:, 1].min()) + 1
+        raise ValueError(
+            f"labels are set at column {int(outside[:, 1].min())}, which the last {labels.shape[1] - first_kept} "
+            f"logits (logits_to_keep) cannot score: pass logits_to_keep >= {needed}, or 0 to keep them all."
+        )
+    return labels[:, first_kept:]
+
+
 class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
     """Decoder RMT: every segment is `[read memory] tokens [write memory]` under the backbone's causal
-    mask, positions restarting in each segment; next memory = last-layer states at the write positions."""
+    mask, positions restarting in each segment; next memory = last-layer states at the write positions.
+
+    `logits_to_keep=k` computes only the last k logits, with labels too: the loss then covers the labels
+    those logits predict (an answer-only loss on a long document needs only its last few)."""
 
     _backbone_auto_class = AutoModelForCausalLM
     _alignment = "start"  # segments are cut from each document's first token
@@ -468,10 +486,12 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
                 f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}; pass one label "
                 "per input token (-100 where no loss is wanted)."
             )
-        if labels is not None and logits_to_keep:
-            raise ValueError("logits_to_keep keeps only the last logits; it cannot be combined with labels.")
         length = input_ids.shape[1]
-        first_kept = length - logits_to_keep if logits_to_keep else 0
+        first_kept = max(length - logits_to_keep, 0) if logits_to_keep else 0
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            labels = _labels_in_window(labels, first_kept)
         kept_rows, kept_columns, kept_hidden = [], [], []
         for segment, token_hidden, state in self._segments(plan, memory_state):  # noqa: B007
             width = token_hidden.shape[1]
@@ -485,8 +505,6 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         logits = self.lm_head_logits(hidden)
         loss = None
         if labels is not None:
-            if attention_mask is not None:
-                labels = labels.masked_fill(attention_mask == 0, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs)
         return RMTCausalLMOutput(loss=loss, logits=logits, memory_state=state)
 

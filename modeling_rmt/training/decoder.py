@@ -63,21 +63,29 @@ def decoder_item(tokenizer, sample: TaskSample) -> dict[str, list[int]]:
 
 
 class DecoderCollator:
-    """Right-pads input ids (pad token), attention masks (0) and labels (-100)."""
+    """Right-pads input ids (pad token), attention masks (0) and labels (-100), and sets
+    `logits_to_keep` to the fewest last logits that score every label: the model then projects only
+    the answers onto the vocabulary (the same loss, several times faster for a small decoder)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict[str, list[int]]]) -> dict[str, torch.Tensor | int]:
         width = max(len(item["input_ids"]) for item in items)
         fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE}
-        return {key: torch.tensor([item[key] + [value] * (width - len(item[key])) for item in items])
-                for key, value in fill.items()}  # fmt: skip
+        batch = {key: torch.tensor([item[key] + [value] * (width - len(item[key])) for item in items])
+                 for key, value in fill.items()}  # fmt: skip
+        labelled = (batch["labels"] != IGNORE).any(dim=0).nonzero()
+        return batch | {"logits_to_keep": width - int(labelled.min()) + 1 if len(labelled) else 0}
 
 
 def answer_predictions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`preprocess_logits_for_metrics`: keep the argmax only (the logits are length x vocabulary)."""
-    return logits.argmax(-1)
+    """`preprocess_logits_for_metrics`: keep the argmax only (the logits are length x vocabulary),
+    right-aligned to the labels' width when only the last logits were computed."""
+    predicted = logits.argmax(-1)
+    if predicted.shape[1] == labels.shape[1]:
+        return predicted
+    return torch.cat([predicted.new_full((len(labels), labels.shape[1] - predicted.shape[1]), IGNORE), predicted], 1)
 
 
 def answer_accuracy(prediction) -> dict[str, float]:

@@ -1,8 +1,12 @@
-"""Accuracy against document length for a trained RMT classifier on the memory tasks; resumable.
+"""Accuracy against document length for a trained RMT on the memory tasks; resumable.
 
     python -m modeling_rmt.training.evaluate_lengths CHECKPOINT --results model_cards/rmt-minilm.json \
         --run runs/rmt-minilm/final --tasks memorize detect_memorize --segments 1 7 64 1024 17810 \
         --samples 200 200 50 16 8
+
+A classifier (`RMTForSequenceClassification`) is scored on its predicted label. A decoder
+(`RMTForCausalLM`) reads a prompt `document question` that leaves room for the answer in the last of
+its segments (as in training) and generates greedily; its answer is scored by BABILong's rule.
 
 Documents are built from held-out seeds on held-out noise (Milton by default; training used Shakespeare).
 Every finished (task, length) cell is written to the results JSON at once, and a rerun skips the cells
@@ -23,11 +27,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from modeling_rmt.tools.backbones import minilm_path
 
-from .tasks import TokenizedNoise, make_sample, with_special_tokens
+from .babilong import babilong_correct
+from .decoder import ANSWER_RESERVE, end_token_id, pad_token_id
+from .tasks import PLACES, TaskSample, TokenizedNoise, make_sample, with_special_tokens
 
 HELD_OUT_SEED = 2_000_003  # neither the training seeds (0...) nor the validation ones (1_000_003...)
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -92,13 +98,17 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
     model_class = config["architectures"][0]
     backbone = settings.get("backbone")
     base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
+    described = {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")}
     if settings.get("head") == "causal-lm" and backbone is None:
-        base_model = f"none ({settings['decoder_preset']} trained from scratch)"
+        base_model, text = None, config["text_config"]
+        described["backbone"] = (
+            f"a {text['model_type'].capitalize()} decoder trained from scratch ({text['num_hidden_layers']} layers, "
+            f"hidden size {text['hidden_size']}, the MiniLM WordPiece vocabulary of {text['vocab_size']:,} tokens)"
+        )
     return {
         "name": name, "repo_id": repo_id, "model_class": model_class,
-        "pipeline_tag": PIPELINE_TAGS[model_class], "base_model": base_model,
-        "license": "apache-2.0", "datasets": [], "plot": f"{name}_accuracy.png",
-        "config": {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")},
+        "pipeline_tag": PIPELINE_TAGS[model_class], **({"base_model": base_model} if base_model else {}),
+        "license": "apache-2.0", "datasets": [], "plot": f"{name}_accuracy.png", "config": described,
         "training": {
             "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
             "stages": curriculum["stages"], "steps": steps, "learning_rate": settings["lr"], "hardware": hardware,
@@ -113,25 +123,52 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
             "The answer is one of six places (office, bathroom, garden, hallway, kitchen, bedroom) for questions "
             "like 'Where is Mary?' about the people of the bAbI templates (Mary, John, Daniel, Sandra).",
             "Accuracy at the longest lengths is measured on few documents (see n and the 95% intervals).",
-        ],
+        ]
+        + (["A decoder trained only to answer these questions: it is not a language model of general text."]
+           if settings.get("head") == "causal-lm" else []),
     }  # fmt: skip
+
+
+def is_decoder(model) -> bool:
+    return type(model).__name__ == "RMTForCausalLM"
+
+
+def load_model(checkpoint: str, dtype: str, device: str):
+    """The checkpoint as a classifier or a decoder, whichever it was saved as."""
+    architecture = (AutoConfig.from_pretrained(checkpoint).architectures or [""])[0]
+    auto = AutoModelForCausalLM if architecture == "RMTForCausalLM" else AutoModelForSequenceClassification
+    return auto.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
+
+
+def classifier_correct(model, tokenizer, batch: list[TaskSample]) -> int:
+    rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in batch]
+    inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
+    predicted = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1)
+    return int((predicted.cpu() == torch.tensor([sample.label for sample in batch])).sum())
+
+
+def decoder_correct(model, tokenizer, batch: list[TaskSample]) -> int:
+    """Greedy answers to left-padded prompts, scored by BABILong's rule over the six places."""
+    inputs = tokenizer.pad({"input_ids": [s.input_ids for s in batch]}, padding_side="left", return_tensors="pt")
+    end = end_token_id(tokenizer)
+    output = model.generate(**inputs.to(model.device), max_new_tokens=ANSWER_RESERVE - 1, do_sample=False,
+                            eos_token_id=end, pad_token_id=pad_token_id(tokenizer))  # fmt: skip
+    answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return sum(babilong_correct(answer, s.target, s.question, "qa1", labels=PLACES) for answer, s in zip(
+        answers, batch, strict=True))  # fmt: skip
 
 
 @torch.no_grad()
 def evaluate_cell(model, tokenizer, noise, task: str, num_tokens: int, samples: int, batch_size: int, seed: int):
-    """Accuracy of `model` on `samples` documents of `num_tokens` tokens; returns (correct, seconds)."""
+    """Accuracy of `model` on `samples` documents that fill `num_tokens` tokens; returns (correct, seconds)."""
     correct, start = 0, time.perf_counter()
+    prompt_tokens = num_tokens - ANSWER_RESERVE if is_decoder(model) else num_tokens
+    score = decoder_correct if is_decoder(model) else classifier_correct
     progress = tqdm(total=samples, desc=f"{task} {num_tokens:,} tokens", leave=False)
     for first in range(0, samples, batch_size):
-        batch = [
-            make_sample(task, noise, tokenizer, num_tokens, seed, i)
-            for i in range(first, min(samples, first + batch_size))
-        ]
-        rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in batch]
-        inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        predicted = logits.argmax(-1).cpu()
-        correct += int((predicted == torch.tensor([sample.label for sample in batch])).sum())
+        indices = range(first, min(samples, first + batch_size))
+        batch = [make_sample(task, noise, tokenizer, prompt_tokens, seed, i) for i in indices]
+        correct += score(model, tokenizer, batch)
         progress.update(len(batch))
     progress.close()
     return correct, time.perf_counter() - start
@@ -141,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--results", type=Path, required=True, help="results JSON (created or extended)")
-    parser.add_argument("--tasks", nargs="+", default=["memorize", "detect_memorize"])
+    parser.add_argument("--tasks", nargs="+", default=None, help="default: memorize detect_memorize (a "
+                        "classifier) or qa1 (a decoder)")  # fmt: skip
     parser.add_argument("--segments", type=int, nargs="+", required=True, help="document lengths in segments")
     parser.add_argument("--samples", type=int, nargs="+", required=True, help="documents per length (one or each)")
     parser.add_argument("--noise", default="milton", help="noise corpus (default: held out from training)")
@@ -161,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = args.samples * len(args.segments) if len(args.samples) == 1 else args.samples
 
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    model = AutoModelForSequenceClassification.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype))
-    model = model.to(args.device).eval()
+    model = load_model(args.checkpoint, args.dtype, args.device)
+    args.tasks = args.tasks or (["qa1"] if is_decoder(model) else ["memorize", "detect_memorize"])
     noise = TokenizedNoise(tokenizer, args.noise)
     results = load_results(args.results)
     if args.run and "name" not in results:
