@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -17,7 +18,13 @@ from transformers import (
 )
 from transformers import initialization as init
 
-from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
+from .configuration_rmt import (
+    CAUSAL_ENCODER_FAMILIES,
+    RMTConfig,
+    backbone_position_limit,
+    is_decoder_family,
+    segment_overhead,
+)
 from .diagonal import diagonal_segments
 from .generation import (
     RMTGenerationCache,
@@ -431,10 +438,25 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
 
     def _check_backbone(self, config: RMTConfig) -> None:
         if not is_decoder_family(config.text_config):
-            raise ValueError(
-                f"RMTForCausalLM needs a decoder backbone; {config.text_config.model_type!r} is an encoder: "
-                "use RMTForSequenceClassification."
+            family = config.text_config.model_type
+            hint = (
+                " (or set is_decoder=True in its config to run it as a decoder)"
+                if family in CAUSAL_ENCODER_FAMILIES
+                else ""
             )
+            raise ValueError(
+                f"RMTForCausalLM needs a decoder backbone; {family!r} is an encoder: use RMTForSequenceClassification"
+                f"{hint}."
+            )
+
+    @classmethod
+    def from_backbone(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> RMTForCausalLM:
+        """Wrap a pretrained decoder with memory, keeping its weights (see `RMTPreTrainedModel.from_backbone`).
+        An encoder of `CAUSAL_ENCODER_FAMILIES` (BERT) is loaded as a decoder: `is_decoder=True`."""
+        backbone_kwargs = dict(kwargs.pop("backbone_kwargs", None) or {})
+        if AutoConfig.from_pretrained(pretrained_model_name_or_path).model_type in CAUSAL_ENCODER_FAMILIES:
+            backbone_kwargs.setdefault("is_decoder", True)
+        return super().from_backbone(pretrained_model_name_or_path, backbone_kwargs=backbone_kwargs, **kwargs)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.backbone.get_output_embeddings()

@@ -20,6 +20,8 @@ DECODERS = {
                   intermediate_size=64, max_position_embeddings=64),
     "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=64, max_position_embeddings=64, sliding_window=None),
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=64, is_decoder=True),  # an encoder run as a decoder
 }  # fmt: skip
 TOKENS = dict(bos_token_id=1, eos_token_id=None, pad_token_id=0)  # no end token: lengths are exact
 
@@ -67,7 +69,7 @@ def test_greedy_generation_equals_recomputing_the_full_forward(family):
     steps = torch.stack(out.logits, dim=1)  # [1, 16, V]
     torch.testing.assert_close(steps, full[:, 16:-1], atol=2e-4, rtol=1e-4)
     assert torch.equal(full[:, 16:-1].argmax(-1), sequence[:, 17:])
-    if family != "gpt2":  # a random gpt2 with tied embeddings echoes its last token: the logits check it
+    if family not in ("gpt2", "bert"):  # random tied-embedding models repeat one token: the logits check it
         assert len(set(sequence[0, 17:].tolist())) > 2, "a degenerate greedy path would prove little"
 
 
@@ -315,3 +317,24 @@ def test_trainer_gradient_accumulation_keeps_the_token_loss_scale(tmp_path, batc
         return next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
 
     assert first_loss(batch_size, accumulation) == pytest.approx(first_loss(8, 1), rel=1e-4)
+
+
+def test_an_encoder_backbone_becomes_a_decoder_with_its_weights_kept(tmp_path):
+    from conftest import word_tokenizer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(vocab_size=VOCAB, **{**DECODERS["bert"], "is_decoder": False}))
+    encoder.save_pretrained(tmp_path / "encoder")
+    word_tokenizer(VOCAB).save_pretrained(tmp_path / "encoder")
+    model = RMTForCausalLM.from_backbone(str(tmp_path / "encoder"), num_mem_tokens=MEMORY, segment_size=SEGMENT)
+    assert model.config.text_config.is_decoder
+    kept = model.backbone.base_model.state_dict()
+    assert {key for key in encoder.state_dict() if key not in kept} == {"pooler.dense.weight", "pooler.dense.bias"}
+    for key, value in kept.items():  # every weight but the pooler, which a language-model head does not use
+        assert torch.equal(encoder.state_dict()[key], value), key
+    ids = prompts([13])[0][None]
+    with torch.no_grad():  # causal: a token's logits do not depend on the tokens after it
+        torch.testing.assert_close(model(input_ids=ids).logits[:, :9], model(input_ids=ids[:, :9]).logits)
+    with pytest.raises(ValueError, match="set is_decoder=True"):
+        RMTForCausalLM(RMTConfig(text_config=encoder.config, num_mem_tokens=2, segment_size=8))

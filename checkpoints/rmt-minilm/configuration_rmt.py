@@ -13,6 +13,9 @@ ENCODER_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta", "
 POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
 # Decoder families with a `*ForCausalLM` head whose base model takes `inputs_embeds` and `position_ids`.
 DECODER_FAMILIES = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral")
+# Encoder families that run as decoders with `is_decoder=True` (causal attention and a KV cache, as in
+# transformers' BERT2BERT): a pretrained encoder can then back an RMTForCausalLM.
+CAUSAL_ENCODER_FAMILIES = ("bert",)
 MEMORY_TYPES = ("rmt", "armt")
 # Backbone families whose layers diagonal batching has been checked on against the sequential loop.
 DIAGONAL_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "roberta", "xlm-roberta", "camembert",
@@ -30,6 +33,8 @@ AUTO_MAP = {
 
 
 def is_decoder_family(text_config: PreTrainedConfig) -> bool:
+    if text_config.model_type in CAUSAL_ENCODER_FAMILIES:
+        return bool(getattr(text_config, "is_decoder", False))
     return text_config.model_type in DECODER_FAMILIES
 
 
