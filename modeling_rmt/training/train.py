@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--head", choices=["classification", "causal-lm"], default="classification")
-    parser.add_argument("--backbone", default=None, help="encoder (or decoder) folder or id (default: MiniLM)")
+    parser.add_argument("--backbone", default=None, help="folder or id, or `minilm` for the shipped "
+                        "all-MiniLM-L6-v2 (classification default; causal-lm: a Llama from scratch)")  # fmt: skip
     parser.add_argument("--decoder-preset", default="llama-tiny", help="causal-lm without --backbone: a Llama "
                         "from scratch of this size (modeling_rmt.training.decoder.DECODER_PRESETS)")  # fmt: skip
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the backbone's or MiniLM's)")
@@ -114,8 +115,8 @@ def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassifica
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     decoder = args.head == "causal-lm"
-    if not decoder:
-        args.backbone = args.backbone or str(minilm_path())
+    if args.backbone == "minilm" or (args.backbone is None and not decoder):
+        args.backbone = str(minilm_path())
     args.tasks = args.tasks or (["qa1"] if decoder else ["memorize", "detect_memorize"])
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
