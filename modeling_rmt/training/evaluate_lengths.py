@@ -103,7 +103,7 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
         base_model, text = None, config["text_config"]
         described["backbone"] = (
             f"a {text['model_type'].capitalize()} decoder trained from scratch ({text['num_hidden_layers']} layers, "
-            f"hidden size {text['hidden_size']}, the MiniLM WordPiece vocabulary of {text['vocab_size']:,} tokens)"
+            f"hidden size {text['hidden_size']}, a vocabulary of {text['vocab_size']:,} tokens)"
         )
     return {
         "name": name, "repo_id": repo_id, "model_class": model_class,
