@@ -34,7 +34,7 @@ REQUIRED: dict[str, dict[str, Any]] = {
 OPTIONAL: dict[str, dict[str, Any]] = {
     "": {"base_model": str, "datasets": list, "plot": str, "notes": str, "example": bool},
     "config": {"backbone": str},  # what it was built on when there is no base model (trained from scratch)
-    "training": {"noise": str, "stages": list, "hours": NUMBER, "curriculum_history": list},
+    "training": {"noise": str, "stages": list, "hours": NUMBER, "hours_from_step": int, "curriculum_history": list},
 }
 MODEL_CLASSES = {"text-classification": "RMTForSequenceClassification", "text-generation": "RMTForCausalLM"}
 TASK_DESCRIPTIONS = {
@@ -237,6 +237,8 @@ def _training(results: dict[str, Any]) -> str:
     steps, batch, rate = training["steps"], training["batch_size"], training["learning_rate"]
     lines.append(f"- {steps:,} steps, batch size {batch}, learning rate {rate:g}.")
     time = f", {training['hours']:g} h" if "hours" in training else ""
+    if "hours_from_step" in training:
+        time += f" (steps {training['hours_from_step']:,} to {steps:,}; the parts before were not timed)"
     lines.append(f"- Hardware: {training['hardware']}{time}.")
     lines += ["", "Command:", "", "```bash", training["command"], "```"]
     history = training.get("curriculum_history", [])

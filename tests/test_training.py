@@ -90,7 +90,10 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *common))
     stopped = train_main(run_args(tiny_backbone, tmp_path / "parts", *common, "--stop-at-step", str(stop)))
     assert not (stopped / "final").exists() and (stopped / f"checkpoint-{stop}").is_dir()
+    first_part = json.loads((stopped / f"checkpoint-{stop}" / "run_time.json").read_text())
     resumed = train_main(run_args(tiny_backbone, tmp_path / "parts", *common))
+    clock = json.loads((resumed / "run_time.json").read_text())  # the time of both parts
+    assert clock["untimed_steps"] == 0 and clock["seconds"] > first_part["seconds"] > 0
     assert Curriculum.load(resumed) == Curriculum.load(whole)
     assert logged_losses(resumed) == pytest.approx(logged_losses(whole), rel=1e-5)
     weights, reference = load_file(resumed / "model.safetensors"), load_file(whole / "model.safetensors")
@@ -137,10 +140,14 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
     from modeling_rmt.training.evaluate_lengths import wilson_interval
 
     final = train_main(run_args(tiny_backbone, tmp_path / "rmt-tiny", "--max-steps", "2", "--stages", "1"))
+    assert json.loads((final / "run_time.json").read_text())["untimed_steps"] == 0
+    # as if resumed after step 1 from a checkpoint of code that kept no clock
+    (final / "run_time.json").write_text(json.dumps({"seconds": 5400.0, "untimed_steps": 1}))
     results_path = tmp_path / "results.json"
     common = [str(final), "--results", str(results_path), "--tasks", "memorize", "--batch-size", "3"]
     first = evaluate_main([*common, "--segments", "1", "--samples", "5", "--run", str(final)])
     assert first["name"] == "rmt-tiny" and first["model_class"] == "RMTForSequenceClassification"
+    assert first["training"]["hours"] == 1.5 and first["training"]["hours_from_step"] == 2
     assert "--stages 1" in first["training"]["command"] and first["training"]["steps"] == 2
     (cell,) = first["evaluation"]
     assert cell["num_tokens"] == SEGMENT and cell["samples"] == 5 and cell["noise"] == "milton"
@@ -152,6 +159,7 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
     assert second["evaluation"][0]["seconds"] == -1.0
     card = render_card(validate(json.loads(results_path.read_text())))
     assert "rmt-tiny" in card and f"{3 * SEGMENT:,}" in card
+    assert "1.5 h (steps 2 to 2; the parts before were not timed)" in card
     kept = results_path.read_text()
     with pytest.raises(SystemExit, match="another seed"):  # cells of another measurement never mix in
         evaluate_main([*common, "--segments", "2", "--samples", "2", "--seed", "7"])

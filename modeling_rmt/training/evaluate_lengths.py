@@ -89,7 +89,8 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
     curriculum = json.loads((final / "curriculum.json").read_text())
     history = json.loads((final / "log_history.json").read_text())
     config = json.loads((final / "config.json").read_text())
-    runtime = sum(entry.get("train_runtime", 0.0) for entry in history)  # of the last (resumed) part only
+    clock = json.loads((final / "run_time.json").read_text()) if (final / "run_time.json").is_file() else None
+    runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
     steps = max((entry.get("step", 0) for entry in history), default=0)
     shown = ("head", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size", "grad_accum", "segment_size",
              "num_mem_tokens", "memory_type", "decoder_preset")  # fmt: skip
@@ -113,7 +114,8 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
             "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
             "stages": curriculum["stages"], "steps": steps, "learning_rate": settings["lr"], "hardware": hardware,
             "batch_size": settings["batch_size"] * settings.get("world_size", 1) * settings["grad_accum"],
-            "hours": round(runtime / 3600, 2),
+            "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
+                                                  if clock and clock["untimed_steps"] else {}),
             "command": f"python -m modeling_rmt.training.train --output-dir runs/{name} {flags}",
             "curriculum_history": curriculum["history"],
         },

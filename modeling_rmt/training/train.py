@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,36 @@ class StopAtStep(TrainerCallback):
         return control
 
 
+class RunClock(TrainerCallback):
+    """Wall-clock time of a run over all its resumed parts (training with its validation and saving),
+    kept in each checkpoint as `run_time.json`: `seconds` up to that step, and `untimed_steps`, the
+    steps done before a resumed part whose checkpoint had no clock (a run started by older code)."""
+
+    FILE = "run_time.json"
+
+    def __init__(self, resumed_from: str | None) -> None:
+        saved = Path(resumed_from or "") / self.FILE
+        if resumed_from and saved.is_file():
+            record = json.loads(saved.read_text())
+            self.seconds, self.untimed_steps = float(record["seconds"]), int(record["untimed_steps"])
+        else:
+            self.seconds, self.untimed_steps = 0.0, int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0
+        self.started = time.perf_counter()
+
+    def record(self) -> dict[str, float | int]:
+        return {"seconds": round(self.seconds + time.perf_counter() - self.started, 1),
+                "untimed_steps": self.untimed_steps}  # fmt: skip
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / self.FILE).write_text(json.dumps(self.record()))
+
+    def on_save(self, args: TrainingArguments, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.save(folder)
+        return control
+
+
 def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassification | RMTForCausalLM:
     if args.head == "causal-lm":
         if args.dropout is not None:
@@ -153,12 +184,14 @@ def main(argv: list[str] | None = None) -> Path:
         use_cpu=not torch.cuda.is_available(), disable_tqdm=args.no_progress, dataloader_num_workers=0,
         remove_unused_columns=False, ddp_find_unused_parameters=False, train_sampling_strategy="sequential",
     )  # fmt: skip
+    clock = RunClock(last)
     trainer = Trainer(
         model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
         data_collator=DecoderCollator(pad_token_id(tokenizer)) if decoder else DataCollatorWithPadding(tokenizer),
         compute_metrics=answer_accuracy if decoder else accuracy, processing_class=tokenizer,
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
-        callbacks=[CurriculumCallback(curriculum)] + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else []),
+        callbacks=[CurriculumCallback(curriculum), clock]
+        + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else []),
     )  # fmt: skip
     if last:
         print(f"resuming from {last} at {curriculum.num_segments} segments per document")
@@ -171,6 +204,7 @@ def main(argv: list[str] | None = None) -> Path:
         trainer.save_model(str(final))
         tokenizer.save_pretrained(final)
         curriculum.save(final)
+        clock.save(final)
         (final / "training_args.json").write_text(
             json.dumps({**vars(args), "world_size": trainer.args.world_size}, indent=2)
         )
