@@ -210,6 +210,10 @@ def test_clear_errors_for_bad_input():
         model.generate(**right, max_new_tokens=3, pad_token_id=0)
     with pytest.raises(ValueError, match="labels have shape"):
         model(input_ids=batch["input_ids"], labels=batch["input_ids"][:, :-1])
+    with pytest.raises(TypeError, match="inputs_embed"):  # an unsupported argument is named, never swallowed
+        model(input_ids=batch["input_ids"], inputs_embed=torch.zeros(2, 9, 32))
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(input_ids=batch["input_ids"], token_type_ids=torch.ones_like(batch["input_ids"]))
     with pytest.raises(ValueError, match="memory_state has shape"):
         model.generate(**batch, memory_state=torch.zeros(2, MEMORY + 1, 32), max_new_tokens=3, pad_token_id=0)
     with pytest.raises(ValueError, match="keeps its own decoding cache"):
@@ -223,6 +227,18 @@ def test_clear_errors_for_bad_input():
         RMTForCausalLM(RMTConfig(text_config=AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1,
                                                                   num_attention_heads=2, intermediate_size=32),
                                  num_mem_tokens=2, segment_size=8, cls_token_id=1, sep_token_id=2))  # fmt: skip
+
+
+def test_a_plain_call_with_use_cache_returns_every_logit():
+    """use_cache only matters inside generate(): a user's forward call gets the full logits."""
+    model = tiny_lm("llama")
+    batch = left_pad(prompts([7, 12]))
+    with torch.no_grad():
+        plain = model(**batch).logits
+        cached = model(**batch, use_cache=True).logits
+        typed = model(**batch, token_type_ids=torch.zeros_like(batch["input_ids"])).logits
+    assert cached.shape == plain.shape == (2, 12, VOCAB)
+    assert torch.equal(cached, plain) and torch.equal(typed, plain)
 
 
 RECALL_SEGMENT = 8
