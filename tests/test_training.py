@@ -106,6 +106,50 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     assert (resumed / "model.safetensors").read_bytes() == before
 
 
+def logged_learning_rates(final: Path) -> dict[int, float]:
+    history = json.loads((final / "log_history.json").read_text())
+    return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+
+
+def test_a_run_carried_as_a_snapshot_resumes_at_its_step_stage_and_schedule(tiny_backbone, tmp_path):
+    from modeling_rmt.training.snapshot import main as snapshot_main
+
+    # A stage change on a schedule (at step 2) and no early stop (accuracy 1.0 is out of reach here).
+    common = ["--max-steps", "6", "--stages", "1", "2", "--every-steps", "2", "--advance-at", "1.0",
+              "--warmup-steps", "2"]  # fmt: skip
+    whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *common))
+    part = train_main(run_args(tiny_backbone, tmp_path / "first", *common, "--stop-at-step", "3"))
+    snapshot = snapshot_main(["save", str(part), str(tmp_path / "snapshot")])
+    checkpoint = part / "checkpoint-3"
+    assert not (snapshot / "optimizer.pt").exists() and (checkpoint / "optimizer.pt").is_file()
+    assert (snapshot / "model.safetensors").stat().st_size < 0.6 * (checkpoint / "model.safetensors").stat().st_size
+    restored = snapshot_main(["restore", str(snapshot), str(tmp_path / "second")])  # as on another machine
+    weights, saved = load_file(restored / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert weights.keys() == saved.keys()
+    for name in weights:
+        assert weights[name].dtype == saved[name].dtype
+        torch.testing.assert_close(weights[name], saved[name], rtol=1e-3, atol=1e-4)  # float16 on the way
+    final = train_main(run_args(tiny_backbone, tmp_path / "second", *common))
+    assert Curriculum.load(final) == Curriculum.load(whole)  # the stage went on from the snapshot's
+    losses, reference = logged_losses(final), logged_losses(whole)
+    assert sorted(losses) == sorted(reference) == [1, 2, 3, 4, 5, 6]  # the first part's log came along
+    assert [losses[step] for step in (1, 2, 3)] == pytest.approx([reference[step] for step in (1, 2, 3)])
+    rates, scheduled = logged_learning_rates(final), logged_learning_rates(whole)
+    assert rates[4] == pytest.approx(scheduled[4] / 2)  # warming up again over 2 steps, at the schedule's step
+    assert rates[5] == pytest.approx(scheduled[5]) and rates[6] == pytest.approx(scheduled[6])
+    with pytest.raises(SystemExit, match="as new as the snapshot"):
+        snapshot_main(["restore", str(snapshot), str(part)])
+    with pytest.raises(SystemExit, match="is not a snapshot"):
+        snapshot_main(["save", str(part), str(tiny_backbone)])
+
+
+def test_resuming_a_checkpoint_without_its_curriculum_is_refused(tiny_backbone, tmp_path):
+    run = train_main(run_args(tiny_backbone, tmp_path / "run", "--max-steps", "4", "--stop-at-step", "2"))
+    (run / "checkpoint-2" / "curriculum.json").unlink()
+    with pytest.raises(SystemExit, match="no curriculum.json"):
+        train_main(run_args(tiny_backbone, tmp_path / "run", "--max-steps", "4"))
+
+
 def test_training_documents_take_the_length_of_their_step(tiny_backbone):
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
     plan = Curriculum([1, 3])

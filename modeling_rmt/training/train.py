@@ -9,6 +9,8 @@ Each run writes Trainer checkpoints (`checkpoint-N/`, with `curriculum.json`) ev
 steps; started again with the same `--output-dir` it continues from the newest one: same weights,
 optimizer, schedule, data position and curriculum stage. The final model, its code and tokenizer are
 saved to `OUTPUT_DIR/final`; once it exists the run is finished and a rerun refuses to touch it.
+A run can also continue from a compact snapshot (`modeling_rmt.training.snapshot`), e.g. one committed
+to carry a long CPU run across machines.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from modeling_rmt.tools.backbones import minilm_path
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id
+from .snapshot import SnapshotResume, resumed_from_snapshot
 from .tasks import ID2LABEL, LABEL2ID, TokenizedNoise
 
 VALIDATION_SEED_OFFSET = 1_000_003  # validation documents never share a seed with training ones
@@ -160,7 +163,12 @@ def main(argv: list[str] | None = None) -> Path:
         )
     last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
     curriculum = Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps)
-    if last and (Path(last) / "curriculum.json").is_file():
+    if last and not (Path(last) / "curriculum.json").is_file():
+        raise SystemExit(
+            f"{last} has no curriculum.json, so the curriculum stage it reached is unknown; resume only from "
+            "checkpoints this command wrote (or restore a snapshot), or start a new --output-dir."
+        )
+    if last:
         saved = Curriculum.load(last)
         settings = ("stages", "advance_at", "patience", "every_steps")
         changed = [name for name in settings if getattr(saved, name) != getattr(curriculum, name)]
@@ -191,10 +199,12 @@ def main(argv: list[str] | None = None) -> Path:
         compute_metrics=answer_accuracy if decoder else accuracy, processing_class=tokenizer,
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
         callbacks=[CurriculumCallback(curriculum), clock]
-        + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else []),
+        + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else [])
+        + ([SnapshotResume(args.warmup_steps)] if resumed_from_snapshot(last) else []),
     )  # fmt: skip
     if last:
-        print(f"resuming from {last} at {curriculum.num_segments} segments per document")
+        kind = " (a snapshot: fresh optimizer, the schedule warmed up again)" if resumed_from_snapshot(last) else ""
+        print(f"resuming from {last}{kind} at {curriculum.num_segments} segments per document")
     trainer.train(resume_from_checkpoint=last)
     if args.stop_at_step and trainer.state.global_step >= args.stop_at_step < args.max_steps:
         print(f"stopped at step {trainer.state.global_step}; run again with the same --output-dir to resume")
