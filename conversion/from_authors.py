@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
-from conversion.from_backbone import long_document_tokenizer
+from conversion.from_backbone import long_document_tokenizer, write_new_folder
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification, RMTPreTrainedModel
 from modeling_rmt.configuration_rmt import backbone_position_limit, segment_overhead
 
@@ -383,11 +383,15 @@ def convert_authors_checkpoint(
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     model, report = convert_state_dict(state, text_config, layout=layout, tokenizer=tokenizer, **kwargs)
-    model.save_pretrained(output_dir)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            long_document_tokenizer(tokenizer).save_pretrained(folder)
+
+    report.output_dir = write_new_folder(output_dir, write)
     if tokenizer is not None:
-        long_document_tokenizer(tokenizer).save_pretrained(output_dir)
         report.notes.append(f"tokenizer saved ({len(tokenizer)} tokens)")
-    report.output_dir = output_dir
     return model, report
 
 

@@ -11,6 +11,9 @@ backbone's tokenizer with `model_max_length` raised for long documents, so it lo
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,25 @@ def long_document_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
     return tokenizer
 
 
+def write_new_folder(output_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(folder)` into a fresh temporary folder beside `output_dir`, then rename it to
+    `output_dir`: an existing non-empty folder (such as the backbone's own) is refused before anything
+    is written, and a conversion that fails half-way leaves nothing behind."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"Output folder {output_dir} exists and is not empty: choose a new folder (nothing written).")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        write(staging)
+        if output_dir.exists():
+            output_dir.rmdir()  # empty (checked above)
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
 def convert_backbone(
     backbone: str,
     output_dir: str | Path,
@@ -38,14 +60,20 @@ def convert_backbone(
     head: str = "sequence-classification",
     **rmt_kwargs: Any,
 ) -> Path:
-    """Wrap `backbone` with memory and save model, code and tokenizer to `output_dir`."""
+    """Wrap `backbone` with memory and save model, code and tokenizer to `output_dir` (a new or empty
+    folder: nothing is ever written over)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"Output folder {output_dir} exists and is not empty: choose a new folder (nothing written).")
     model_class = HEADS[head]
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     model = model_class.from_backbone(backbone, tokenizer=tokenizer, **rmt_kwargs)
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    long_document_tokenizer(tokenizer).save_pretrained(output_dir)
-    return output_dir
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        long_document_tokenizer(tokenizer).save_pretrained(folder)
+
+    return write_new_folder(output_dir, write)
 
 
 def main(argv: list[str] | None = None) -> None:

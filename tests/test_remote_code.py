@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase, pipeline
 
 from conversion.export import HUB_FILES as HUB_CODE_FILES
 from conversion.from_backbone import LONG_DOCUMENT_TOKENS, convert_backbone
@@ -98,6 +98,21 @@ def saved_twice(tmp_path_factory) -> Path:
     model.save_pretrained(second)
     AutoTokenizer.from_pretrained(first).save_pretrained(second)
     return second
+
+
+def test_conversion_never_writes_over_a_folder_nor_leaves_a_half_written_one(saved_twice, tmp_path, monkeypatch):
+    before = {path.name: path.read_bytes() for path in saved_twice.iterdir()}
+    with pytest.raises(ValueError, match="not empty"):
+        convert_backbone(str(saved_twice), saved_twice, num_labels=3)  # the source folder itself
+    assert {path.name: path.read_bytes() for path in saved_twice.iterdir()} == before
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        convert_backbone(str(minilm_path()), tmp_path / "new", num_labels=3, num_mem_tokens=10)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
 
 
 def test_saved_folder_holds_code_auto_map_and_a_long_document_tokenizer(saved_twice):
