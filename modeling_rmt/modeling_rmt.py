@@ -220,7 +220,9 @@ class RMTPreTrainedModel(PreTrainedModel):
         """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
         memory, steps = self.memory, plan.num_segments
         state = self._initial_state(plan.batch_size, memory_state)
-        if self.config.diagonal_batching and not self.training:  # the same cells, run diagonally
+        # Diagonal batching serves inference: with gradients on (training, or probing a model in eval mode)
+        # the sequential loop runs, so that gradients reach every weight.
+        if self.config.diagonal_batching and not self.training and not torch.is_grad_enabled():
             yield from diagonal_segments(self, plan, state, **backbone_kwargs)
             return
         first_step = plan.grid_offset // plan.segment_size

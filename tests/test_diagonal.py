@@ -90,6 +90,21 @@ def test_training_uses_the_sequential_loop():
     assert model.memory.layers[0].W_mv.weight.grad.abs().sum() > 0
 
 
+def test_gradients_in_eval_mode_flow_as_in_the_sequential_loop():
+    """Eval mode with gradients on (saliency, probing): the sequential loop runs and every weight gets
+    its gradient; diagonal batching serves only inference without gradients."""
+    grads = {}
+    for diagonal in (False, True):
+        model = tiny_armt_lm("llama", diagonal_batching=diagonal).eval()
+        ids = prompts([3 * SEGMENT])[0][None]
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[diagonal] = {name: p.grad for name, p in model.named_parameters() if ".layers.0." in name}
+    assert len(grads[True]) >= 13 and grads[True].keys() == grads[False].keys()  # the layer and W_mq .. W_mb
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads[True].values())
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad)
+
+
 def test_unsupported_memory_type_or_family_is_named(monkeypatch):
     text_config = tiny_armt_lm("gpt2").config.text_config
     with pytest.raises(ValueError, match="memory_type='armt'"):
