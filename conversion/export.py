@@ -10,7 +10,8 @@ images it links beside it, or a minimal card) and, for causal LMs, `generation_c
 and scheduler states, rng states, training arguments and logs are left behind.
 
 An existing non-empty OUT_DIR is refused; `--overwrite` replaces it only when it holds an earlier
-export and nothing else. `--upload` creates the repo if needed (`HfApi().create_repo(exist_ok=True)`)
+export (recognised by the `.rmt-export.json` marker every export writes, which is never uploaded) and
+nothing else. `--upload` creates the repo if needed (`HfApi().create_repo(exist_ok=True)`)
 and uploads the folder; `--dry-run` prints what would be uploaded, and where, without any network call.
 """
 
@@ -54,11 +55,13 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "*.model")
+# Written into every export: what `--overwrite` requires before it replaces a folder. Not uploaded.
+EXPORT_MARKER = ".rmt-export.json"
 # Every name an export may hold: what `--overwrite` accepts to replace, and all an export writes.
 EXPORT_PATTERNS = (
     "config.json", "generation_config.json", "README.md", *HUB_FILES, "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
-    "merges.txt", "*.model", "chat_template.*", "*.png", "*.jpg", "*.jpeg", "*.svg", "*.gif",
+    "merges.txt", "*.model", "chat_template.*", "*.png", "*.jpg", "*.jpeg", "*.svg", "*.gif", EXPORT_MARKER,
 )  # fmt: skip
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
@@ -104,9 +107,9 @@ def _check_output(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ExportError(f"output folder {out_dir} is not empty; choose another (or --overwrite an earlier export)")
     foreign = _foreign_files(out_dir)
-    if foreign or not (out_dir / "config.json").is_file():
-        what = ", ".join(foreign[:5]) if foreign else "no config.json"
-        raise ExportError(f"{out_dir} does not look like an earlier export ({what}); refusing to overwrite it")
+    if foreign or not (out_dir / EXPORT_MARKER).is_file():
+        what = ", ".join(foreign[:5]) if foreign else f"no {EXPORT_MARKER} marker"
+        raise ExportError(f"{out_dir} is not an earlier export ({what}); refusing to overwrite it")
 
 
 def _drop_local_loading_options(tokenizer_config: Path) -> None:
@@ -263,6 +266,8 @@ def export_checkpoint(
             raise ExportError(f"the export would hold unexpected files: {unexpected or sorted(staging.glob('*.py'))}")
         _check_code(staging)
         _check_weights(staging, target)
+        marker = {"written_by": "conversion.export", "note": "marks an export that --overwrite may replace"}
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
         if out_dir.exists():  # empty, or an earlier export that `_check_output` accepted
             for old in out_dir.iterdir():
                 old.unlink()
@@ -277,7 +282,8 @@ def export_checkpoint(
 def folder_files(folder: str | Path) -> list[tuple[str, int]]:
     """(relative name, size in bytes) of every file under `folder`, sorted by name."""
     folder = Path(folder)
-    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*")
+                  if p.is_file() and p.name != EXPORT_MARKER)  # fmt: skip
 
 
 def print_summary(folder: str | Path, title: str) -> None:
@@ -298,7 +304,8 @@ def upload_export(folder: str | Path, repo_id: str, *, private: bool = False, dr
     api = HfApi()
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     message = "Upload RMT model (conversion.export)"
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=message)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=message,
+                      ignore_patterns=[EXPORT_MARKER])  # fmt: skip
     print(f"uploaded {folder} to {url}")
     return str(url)
 

@@ -82,3 +82,18 @@ def test_text_config_dict_needs_a_model_type():
     config = RMTConfig(text_config=tiny_backbone_config().to_dict(), cls_token_id=1, sep_token_id=2,
                        num_mem_tokens=2, segment_size=8)  # fmt: skip
     assert config.text_config.hidden_size == 32
+
+
+def test_the_callers_backbone_config_is_left_as_it_was_and_its_attention_choice_kept():
+    from modeling_rmt import RMTForSequenceClassification
+
+    backbone_config = tiny_backbone_config()
+    backbone_config._attn_implementation = "eager"
+    before = backbone_config.to_dict()
+    model = RMTForSequenceClassification(RMTConfig(text_config=backbone_config, num_mem_tokens=2, segment_size=8,
+                                                   num_labels=5, cls_token_id=1, sep_token_id=2))  # fmt: skip
+    assert backbone_config.to_dict() == before and backbone_config._attn_implementation == "eager"
+    assert model.backbone.config._attn_implementation == "eager" and model.backbone.config.num_labels == 5
+    chosen = RMTConfig(text_config=backbone_config, num_mem_tokens=2, segment_size=8, attn_implementation="sdpa")
+    assert chosen.text_config._attn_implementation == "sdpa"  # the RMT config's own choice wins
+    assert backbone_config._attn_implementation == "eager"

@@ -18,12 +18,13 @@ from test_remote_code import NO_LOCAL_PACKAGE, hub_cache_layout, run_offline
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import conversion.export as export
-from conversion.export import HUB_FILES, ExportError, export_checkpoint
+from conversion.export import EXPORT_MARKER, HUB_FILES, ExportError, export_checkpoint
 from conversion.from_backbone import LONG_DOCUMENT_TOKENS
 from modeling_rmt import RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
 
-EXPORTED = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", *HUB_FILES}
+EXPORTED = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", *HUB_FILES,
+            EXPORT_MARKER}  # fmt: skip
 TRAINING_LEFTOVERS = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "trainer_state.json",
                       "curriculum.json", "log_history.json", "training_args.json")  # fmt: skip
 TEXT = "Mary travelled to the office. " + "The quick brown fox jumps over the lazy dog. " * 12 + "Where is Mary?"
@@ -91,9 +92,17 @@ def test_refuses_a_non_empty_output_folder_and_overwrites_only_an_earlier_export
     (mine / "notes.txt").write_text("my notes")
     with pytest.raises(ExportError, match="not empty"):
         export_checkpoint(checkpoint, mine)
-    with pytest.raises(ExportError, match="does not look like an earlier export.*notes.txt"):
+    with pytest.raises(ExportError, match="is not an earlier export.*notes.txt"):
         export_checkpoint(checkpoint, mine, overwrite=True)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+    # A saved model that is not an export (only the names an export uses) is not replaced either.
+    model_folder = tmp_path / "a-model"
+    shutil.copytree(checkpoint, model_folder, ignore=shutil.ignore_patterns(*TRAINING_LEFTOVERS, "runs"))
+    before = {path.name: path.read_bytes() for path in model_folder.iterdir()}
+    with pytest.raises(ExportError, match=f"is not an earlier export .no {EXPORT_MARKER} marker"):
+        export_checkpoint(checkpoint, model_folder, overwrite=True)
+    assert {path.name: path.read_bytes() for path in model_folder.iterdir()} == before
+    shutil.rmtree(model_folder)
 
     (tmp_path / "empty").mkdir()
     assert {p.name for p in export_checkpoint(checkpoint, tmp_path / "empty").iterdir()} == EXPORTED
@@ -156,10 +165,11 @@ def test_dry_run_lists_the_files_and_makes_no_network_call(checkpoint, tmp_path,
     export.main([str(checkpoint), str(tmp_path / "out"), "--repo-id", REPO, "--dry-run", "--private"])
     printed = capsys.readouterr().out
     assert f"https://huggingface.co/{REPO} (private model repo)" in printed
-    for name in EXPORTED:
+    for name in EXPORTED - {EXPORT_MARKER}:  # the marker stays local
         assert name in printed
+    assert EXPORT_MARKER not in printed
     size = (tmp_path / "out" / "model.safetensors").stat().st_size / 1e6
-    assert f"{size:10.3f} MB  model.safetensors" in printed and "12 files" in printed
+    assert f"{size:10.3f} MB  model.safetensors" in printed and f"{len(EXPORTED) - 1} files" in printed
 
 
 def test_upload_creates_the_repo_and_uploads_the_folder_with_the_card(checkpoint, tmp_path, monkeypatch, capsys):
@@ -174,7 +184,8 @@ def test_upload_creates_the_repo_and_uploads_the_folder_with_the_card(checkpoint
     assert FakeHfApi.calls == [
         ("create_repo", (REPO,), {"repo_type": "model", "private": False, "exist_ok": True}),
         ("upload_folder", (), {"repo_id": REPO, "folder_path": str(out), "repo_type": "model",
-                               "commit_message": "Upload RMT model (conversion.export)"}),
+                               "commit_message": "Upload RMT model (conversion.export)",
+                               "ignore_patterns": [EXPORT_MARKER]}),
     ]  # fmt: skip
     assert (out / "README.md").read_text() == card.read_text()
     assert (out / "accuracy.png").read_bytes() == b"\x89PNG fake"
