@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from modeling_rmt.tools.backbones import minilm_path
 from modeling_rmt.training.curriculum import Curriculum, CurriculumTaskDataset
-from modeling_rmt.training.tasks import TokenizedNoise
+from modeling_rmt.training.tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise
 from modeling_rmt.training.train import main as train_main
 
 SEGMENT = 24  # content tokens per segment of the tiny runs
@@ -209,7 +209,13 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
         evaluate_main([*common, "--segments", "2", "--samples", "2", "--seed", "7"])
     with pytest.raises(SystemExit, match="another noise"):
         evaluate_main([*common, "--segments", "2", "--samples", "2", "--noise", "shakespeare"])
-    assert results_path.read_text() == kept
+    with pytest.raises(SystemExit, match="validation seed of a run trained with --seed 0"):  # not held out
+        evaluate_main([str(final), "--results", str(tmp_path / "leak.json"), "--segments", "1", "--samples", "2",
+                       "--run", str(final), "--seed", str(VALIDATION_SEED_OFFSET)])  # fmt: skip
+    assert results_path.read_text() == kept and not (tmp_path / "leak.json").exists()
+    with pytest.raises(SystemExit, match="training seed"):  # a run whose training documents are evaluation's
+        train_main(run_args(tiny_backbone, tmp_path / "leaky", "--seed", str(HELD_OUT_SEED)))
+    assert not (tmp_path / "leaky").exists()
 
 
 def test_wilson_interval_covers_the_measured_accuracy():

@@ -33,9 +33,8 @@ from modeling_rmt.tools.backbones import minilm_path
 
 from .babilong import babilong_correct
 from .decoder import ANSWER_RESERVE, end_token_id, pad_token_id
-from .tasks import PLACES, TaskSample, TokenizedNoise, make_sample, with_special_tokens
+from .tasks import HELD_OUT_SEED, PLACES, TaskSample, TokenizedNoise, check_held_out, make_sample, with_special_tokens
 
-HELD_OUT_SEED = 2_000_003  # neither the training seeds (0...) nor the validation ones (1_000_003...)
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
 
@@ -200,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--samples takes one count or one per --segments value")
     samples = args.samples * len(args.segments) if len(args.samples) == 1 else args.samples
 
+    if args.run is not None:
+        check_held_out(json.loads((args.run / "training_args.json").read_text())["seed"], args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = load_model(args.checkpoint, args.dtype, args.device)
     args.tasks = args.tasks or (["qa1"] if is_decoder(model) else ["memorize", "detect_memorize"])

@@ -28,6 +28,10 @@ VERBS = ("travelled to", "went to", "moved to", "journeyed to", "went back to")
 PLACES = ("office", "bathroom", "garden", "hallway", "kitchen", "bedroom")
 DIRECTIONS = {"north": "south", "south": "north", "east": "west", "west": "east"}
 TASKS = ("memorize", "detect_memorize", "reasoning", "qa1")
+# Document streams by seed: a training run's `seed`, its validation `seed + VALIDATION_SEED_OFFSET`, and
+# evaluation `HELD_OUT_SEED` (on held-out noise as well); `check_held_out` keeps them apart.
+VALIDATION_SEED_OFFSET = 1_000_003
+HELD_OUT_SEED = 2_000_003
 QA1_FACTS = (2, 8)  # a qa1 story has this many movements (inclusive range)
 NOISE_FOLDER = Path(__file__).parent / "noise"
 NOISE_CORPORA = ("shakespeare", "milton")
@@ -166,3 +170,15 @@ def build_task_dataset(
             row |= {"input": sample.input, "question": sample.question, "target": sample.target}
         rows.append(row)
     return Dataset.from_list(rows)
+
+
+def check_held_out(train_seed: int, eval_seed: int) -> None:
+    """Refuse an evaluation seed that is a run's training or validation seed: its documents (their
+    facts and positions) would be ones the model trained or was selected on."""
+    streams = {train_seed: "training", train_seed + VALIDATION_SEED_OFFSET: "validation"}
+    if eval_seed in streams:
+        raise SystemExit(
+            f"Seed {eval_seed} is the {streams[eval_seed]} seed of a run trained with --seed {train_seed}, so "
+            f"its documents are not held out; evaluate with another --seed, or train with a seed other than "
+            f"{eval_seed} and {eval_seed - VALIDATION_SEED_OFFSET}."
+        )

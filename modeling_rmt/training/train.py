@@ -40,9 +40,7 @@ from modeling_rmt.tools.backbones import minilm_path
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id
 from .snapshot import SnapshotResume, resumed_from_snapshot
-from .tasks import ID2LABEL, LABEL2ID, TokenizedNoise
-
-VALIDATION_SEED_OFFSET = 1_000_003  # validation documents never share a seed with training ones
+from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -152,6 +150,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.backbone == "minilm" or (args.backbone is None and not decoder):
         args.backbone = str(minilm_path())
     args.tasks = args.tasks or (["qa1"] if decoder else ["memorize", "detect_memorize"])
+    check_held_out(args.seed, HELD_OUT_SEED)  # evaluate_lengths' default documents stay unseen
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
     tokenizer_source = args.tokenizer or args.backbone or str(minilm_path())
