@@ -226,6 +226,13 @@ def _decoder(state: dict, text_config: PreTrainedConfig, options: dict, layout: 
         if outputs is not None and heads not in (None, outputs):
             raise ValueError(f"W_mb has {outputs} outputs (one per memory head) but armt_num_heads={heads}.")
         heads = heads or outputs or 1
+        if options["config_kwargs"].get("armt_normalize_features") is None:
+            raise ValueError(
+                "An ARMT checkpoint does not record whether its code L2-normalised the key features phi(q), phi(k): "
+                "the authors' code does from 2024-08-28 on (e.g. their Llama-3.2 runs); the ARMT paper's GPT-2 "
+                "BABILong checkpoints predate it. Pass armt_normalize_features=True or False "
+                "(--armt-normalize-features / --no-armt-normalize-features)."
+            )
         extra = {"memory_type": "armt", "armt_d_mem": W_mq.shape[0], "armt_num_heads": heads}
         report_notes.append(f"armt_d_mem = {W_mq.shape[0]} from W_mq, armt_num_heads = {heads}; assumes the paper's "
                             "DPFP (nu = 3) and normaliser z, which state dicts do not record")  # fmt: skip
@@ -434,11 +441,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segment-size", type=int, default=None, help="required for decoders (authors' GPT-2: 512)")
     parser.add_argument("--armt-num-heads", type=int, default=None, help="default: W_mb's outputs")
     parser.add_argument("--armt-correction", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--armt-normalize-features", action=argparse.BooleanOptionalAction, default=None,
+                        help="ARMT: whether the checkpoint's code L2-normalised phi(q), phi(k) (the authors' code "
+                        "from 2024-08-28 on: yes; the paper's GPT-2 checkpoints: no); required for ARMT")  # fmt: skip
     parser.add_argument("--max-n-segments", type=int, default=None)
     args = parser.parse_args(argv)
     kwargs: dict[str, Any] = dict(num_mem_tokens=args.num_mem_tokens, segment_size=args.segment_size,
                                   armt_num_heads=args.armt_num_heads, max_n_segments=args.max_n_segments)  # fmt: skip
     kwargs.update({} if args.armt_correction else {"armt_correction": False})
+    if args.armt_normalize_features is not None:
+        kwargs["armt_normalize_features"] = args.armt_normalize_features
     _, report = convert_authors_checkpoint(
         args.source, args.output_dir, backbone=args.backbone, layout=args.layout, tokenizer=args.tokenizer, **kwargs
     )

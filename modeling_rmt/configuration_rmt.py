@@ -92,6 +92,8 @@ class RMTConfig(PreTrainedConfig):
         armt_d_mem: ARMT key size before the DPFP feature map (keys have 6 * armt_d_mem features).
         armt_num_heads: ARMT memory heads (each holds its share of the keys and values).
         armt_correction: ARMT's gamma correction of the normaliser z (count only new key directions).
+        armt_normalize_features: L2-normalise ARMT's key features phi(q), phi(k) per head, as the authors'
+            code does from August 2024 on (the paper's GPT-2 checkpoints predate it: False).
         diagonal_batching: run inference (not training) with diagonal batching: every (layer, segment)
             cell whose inputs are ready runs in one batched call; the same outputs up to float error.
             ARMT only.
@@ -114,6 +116,7 @@ class RMTConfig(PreTrainedConfig):
     armt_d_mem: int = 64
     armt_num_heads: int = 1
     armt_correction: bool = True
+    armt_normalize_features: bool = False
     diagonal_batching: bool = False
     cls_token_id: int | None = None
     sep_token_id: int | None = None

@@ -47,6 +47,12 @@ def dpfp_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([doubled * torch.roll(doubled, shifts=j) for j in (1, 2, 3)])
 
 
+def features_reference(layer: AssociativeLayer, x: torch.Tensor) -> torch.Tensor:
+    """DPFP features of one head's key, divided by their length when the layer normalises them."""
+    features = dpfp_reference(x)
+    return features / features.norm().clamp_min(1e-12) if layer.normalize else features
+
+
 def reference_write(layer: AssociativeLayer, A, z, memory_outputs):
     """The ARMT write for one document, memory token by memory token and head by head."""
     A, z = A.clone(), z.clone()
@@ -57,7 +63,7 @@ def reference_write(layer: AssociativeLayer, A, z, memory_outputs):
         v_parts = layer.W_mv(m).float().chunk(heads)
         beta = torch.sigmoid(layer.W_mb(m).float())
         for h in range(heads):
-            k = dpfp_reference(q_parts[h])
+            k = features_reference(layer, q_parts[h])
             known = z[h] @ k
             v_bar = (k @ A[h]) / (known + 1e-5)
             gamma = torch.clamp(1 - known / (k @ k), 0, 1)
@@ -73,14 +79,16 @@ def reference_read(layer: AssociativeLayer, A, z, hidden):
         parts = layer.W_mq(x).float().chunk(heads)
         out = []
         for h in range(heads):
-            q = dpfp_reference(parts[h])
+            q = features_reference(layer, parts[h])
             out.append((q @ A[h]) / (z[h] @ q + 1e-5))
         rows.append(torch.cat(out))
     return torch.stack(rows)
 
 
-def test_memory_state_after_each_segment_equals_the_formulas():
-    model = tiny_armt_lm("llama")
+@pytest.mark.parametrize("normalize", [False, True])
+def test_memory_state_after_each_segment_equals_the_formulas(normalize):
+    model = tiny_armt_lm("llama", armt_normalize_features=normalize)
+    assert all(layer.normalize == normalize for layer in model.memory.layers)
     layers = model.memory.layers
     seen = {}
 

@@ -173,11 +173,12 @@ def test_decoder_equals_gpt2_on_memory_embeddings(tmp_path, lm_head_saved):
     assert sum("attn.masked_bias" in note for note in report.notes) == 2
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_armt_round_trip_through_the_authors_layout(tmp_path, family):
+@pytest.mark.parametrize("family, normalize", [("llama", True), ("gpt2", False)])  # later code; the paper's
+def test_armt_round_trip_through_the_authors_layout(tmp_path, family, normalize):
     torch.manual_seed(0)
     config = RMTConfig(text_config=decoder_config(family), num_mem_tokens=MEM, segment_size=LM_SEGMENT,
-                       memory_type="armt", armt_d_mem=8, armt_num_heads=2)  # fmt: skip
+                       memory_type="armt", armt_d_mem=8, armt_num_heads=2,
+                       armt_normalize_features=normalize)  # fmt: skip
     ours = RMTForCausalLM(config).eval()
     with torch.no_grad():  # W_mv starts at zero, which would leave the memory inert
         for layer in ours.memory.layers:
@@ -186,10 +187,12 @@ def test_armt_round_trip_through_the_authors_layout(tmp_path, family):
     layers = "memory_cell.model.model.layers" if family == "llama" else "memory_cell.model.transformer.h"
     assert {f"{layers}.1.W_mq.weight", f"{layers}.0.W_mb.bias", "memory_cell.memory"} <= set(exported)
     assert any(key.startswith(f"{layers}.0.layer.") for key in exported) and detect_layout(exported) == "armt"
-    converted, report = convert(
-        tmp_path, exported, "pytorch_model.bin", decoder_config(family), segment_size=LM_SEGMENT
-    )
+    with pytest.raises(ValueError, match="does not record whether its code L2-normalised"):
+        convert(tmp_path, exported, "unsaid.bin", decoder_config(family), segment_size=LM_SEGMENT)
+    converted, report = convert(tmp_path, exported, "pytorch_model.bin", decoder_config(family),
+                                segment_size=LM_SEGMENT, armt_normalize_features=normalize)  # fmt: skip
     assert (report.layout, converted.config.armt_d_mem, converted.config.armt_num_heads) == ("armt", 8, 2)
+    assert converted.config.armt_normalize_features is normalize
     theirs = converted.state_dict()
     assert theirs.keys() == ours.state_dict().keys()
     assert all(torch.equal(value, theirs[key]) for key, value in ours.state_dict().items())

@@ -72,6 +72,18 @@ def test_generation_reads_the_prompt_diagonally_with_the_same_result():
     assert relative_error(torch.stack(sequential.logits), torch.stack(diagonal.logits)) <= 1e-5
 
 
+def test_normalised_features_run_diagonally_with_the_same_result():
+    model = tiny_armt_lm("qwen2", armt_normalize_features=True)
+    sequential, diagonal = both_ways(model, **left_pad(prompts([7 * SEGMENT, 3 * SEGMENT + 2], seed=5)))
+    assert relative_error(sequential.logits, diagonal.logits) <= 1e-5
+    for expected, actual in zip(sequential.memory_state, diagonal.memory_state, strict=True):
+        assert relative_error(expected, actual) <= 1e-5
+    plain = tiny_armt_lm("qwen2")
+    with torch.no_grad():
+        z = plain(**left_pad(prompts([7 * SEGMENT, 3 * SEGMENT + 2], seed=5))).memory_state[1]
+    assert not torch.allclose(z, sequential.memory_state[1])  # the option changes the memory
+
+
 def test_stacked_weights_follow_weight_updates():
     model = tiny_armt_lm("gpt2")
     ids = prompts([4 * SEGMENT])[0][None]
