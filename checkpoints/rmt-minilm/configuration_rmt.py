@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
@@ -59,7 +60,7 @@ def _as_backbone_config(text_config: Any) -> PreTrainedConfig:
     if text_config is None:
         return BertConfig()
     if isinstance(text_config, PreTrainedConfig):
-        return text_config
+        return copy.deepcopy(text_config)  # the caller's config is never changed
     if isinstance(text_config, dict):
         if "model_type" not in text_config:
             raise ValueError(
@@ -91,6 +92,8 @@ class RMTConfig(PreTrainedConfig):
         armt_d_mem: ARMT key size before the DPFP feature map (keys have 6 * armt_d_mem features).
         armt_num_heads: ARMT memory heads (each holds its share of the keys and values).
         armt_correction: ARMT's gamma correction of the normaliser z (count only new key directions).
+        armt_normalize_features: L2-normalise ARMT's key features phi(q), phi(k) per head, as the authors'
+            code does from August 2024 on (the paper's GPT-2 checkpoints predate it: False).
         diagonal_batching: run inference (not training) with diagonal batching: every (layer, segment)
             cell whose inputs are ready runs in one batched call; the same outputs up to float error.
             ARMT only.
@@ -113,6 +116,7 @@ class RMTConfig(PreTrainedConfig):
     armt_d_mem: int = 64
     armt_num_heads: int = 1
     armt_correction: bool = True
+    armt_normalize_features: bool = False
     diagonal_batching: bool = False
     cls_token_id: int | None = None
     sep_token_id: int | None = None
@@ -121,6 +125,7 @@ class RMTConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         text_config_given = self.text_config is not None
         self.text_config = _as_backbone_config(self.text_config)
+        backbone_attention = self.text_config._attn_implementation  # set on the backbone's config, if at all
         if not text_config_given:  # the default backbone: bert-base-uncased's vocabulary
             self.cls_token_id = 101 if self.cls_token_id is None else self.cls_token_id
             self.sep_token_id = 102 if self.sep_token_id is None else self.sep_token_id
@@ -133,6 +138,8 @@ class RMTConfig(PreTrainedConfig):
             self.problem_type = self.problem_type or self.text_config.problem_type
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__post_init__(**kwargs)
+        if kwargs.get("attn_implementation") is None and backbone_attention is not None:
+            self._attn_implementation = backbone_attention  # kept unless this config names its own
         if labels_given:  # labels given here are pushed down to the backbone's head
             self.sync_labels_to_backbone()
         self.validate_rmt()

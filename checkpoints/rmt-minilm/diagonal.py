@@ -93,7 +93,7 @@ class DiagonalExecutor:
         self.layer = GroupedLayer([layer.layer for layer in layers])
         self.W_mq = torch.stack([layer.W_mq.weight for layer in layers]).detach()
         self.write_weights = tuple(torch.stack([layer.write_weights[i] for layer in layers]).detach() for i in range(4))
-        self.num_heads, self.correction = layers[0].num_heads, layers[0].correction
+        self.num_heads, self.correction, self.normalize = layers[0].num_heads, layers[0].correction, layers[0].normalize
 
     def _weights_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version, p.dtype) for layer in self.memory.layers for p in layer.parameters())
@@ -242,7 +242,7 @@ def _run_cells(
     A_cells = torch.stack([A[layer].index_select(0, r) for (layer, _), r in zip(group, rows, strict=True)])
     z_cells = torch.stack([z[layer].index_select(0, r) for (layer, _), r in zip(group, rows, strict=True)])
     hidden = torch.stack([item.hidden for item in items])  # [cells, rows, T, d]
-    read = associative_read(hidden, A_cells, z_cells, executor.W_mq[index], executor.num_heads)
+    read = associative_read(hidden, A_cells, z_cells, executor.W_mq[index], executor.num_heads, executor.normalize)
     hidden = (hidden + read).flatten(0, 1)
     args = _merge([item.args[1:] for item in items], width)
     kwargs = _merge([item.kwargs for item in items], width)
@@ -252,7 +252,9 @@ def _run_cells(
     out_cells = out_hidden.unflatten(0, (cells, width))
     memory_outputs = out_cells.gather(2, memory_index[..., None].expand(-1, -1, -1, out_cells.shape[-1]))
     weights = tuple(w[index] for w in executor.write_weights)
-    new_A, new_z = associative_write(A_cells, z_cells, memory_outputs, weights, executor.num_heads, executor.correction)
+    new_A, new_z = associative_write(
+        A_cells, z_cells, memory_outputs, weights, executor.num_heads, executor.correction, executor.normalize
+    )
     for cell, ((layer, _), item, r) in enumerate(zip(group, items, rows, strict=True)):
         item.hidden = out_cells[cell]
         if layer == len(A) - 1:

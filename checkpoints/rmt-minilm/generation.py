@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, GenerationMixin
 
+from .outputs import CACHE_NAME
+
 
 def memory_slots(memory: Any, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of a decoder segment's read and write memory positions: RMT places its state at both,
@@ -111,8 +113,8 @@ class RMTGenerationCache:
                 inputs_embeds=inputs_embeds,
                 attention_mask=self.valid_on_device.long(),
                 position_ids=positions,
-                past_key_values=self.key_values,
                 use_cache=True,
+                **{CACHE_NAME: self.key_values},
             ).last_hidden_state
         return hidden, None if memory_index is None else self.memory.collect(recording, hidden, memory_index)
 
@@ -139,7 +141,7 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if key_values is not None and (type(key_values) is not DynamicCache or key_values.get_seq_length() > 0):
         raise ValueError(
             f"RMTForCausalLM keeps its own decoding cache; got a {type(key_values).__name__}. Do not pass "
-            "past_key_values or cache_implementation (continue a document with memory_state instead)."
+            f"{CACHE_NAME} or cache_implementation (continue a document with memory_state instead)."
         )
     plan = model._plan(input_ids, attention_mask, None)
     state = model._read(plan.without_last_segments(), memory_state)
@@ -239,14 +241,14 @@ class RMTGenerationMixin(GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.Tensor,
-        past_key_values: Any = None,
         attention_mask: torch.Tensor | None = None,
         memory_state: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        if isinstance(past_key_values, RMTGenerationCache):
-            return {"input_ids": input_ids[:, past_key_values.seen_tokens :], "past_key_values": past_key_values}
+        cache = kwargs.pop(CACHE_NAME, None)  # `cache` from transformers 5.24 on, `past_key_values` before
+        if isinstance(cache, RMTGenerationCache):
+            return {"input_ids": input_ids[:, cache.seen_tokens :], CACHE_NAME: cache}
         for option in ("output_attentions", "output_hidden_states"):
             if kwargs.get(option):
                 raise ValueError(f"RMTForCausalLM.generate does not return per-layer outputs; drop {option}=True.")
@@ -263,6 +265,7 @@ class RMTGenerationMixin(GenerationMixin):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "memory_state": memory_state,
-            "past_key_values": past_key_values,
+            CACHE_NAME: cache,
             "use_cache": True,
+            "prefill_prompt": True,
         }

@@ -133,12 +133,19 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return out
 
 
+def key_features(x: torch.Tensor, W: torch.Tensor, num_heads: int, normalize: bool) -> torch.Tensor:
+    """phi(W x) per head, [..., h, 6 * d_mem / h] in float32; with `normalize`, L2-normalised per head
+    (as the authors' ARMT code does from August 2024 on)."""
+    features = dpfp(_linear(x, W).float().unflatten(-1, (num_heads, -1)))
+    return F.normalize(features, dim=-1) if normalize else features
+
+
 def associative_read(
-    hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor, W_mq: torch.Tensor, num_heads: int
+    hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor, W_mq: torch.Tensor, num_heads: int, normalize: bool = False
 ) -> torch.Tensor:
     """phi(q) A / (z . phi(q) + eps), q = W_mq h, for every position of `hidden` [..., rows, T, d], in its
     dtype. Leading dims (e.g. layers) may stack the memories and weights too."""
-    q = dpfp(_linear(hidden, W_mq).float().unflatten(-1, (num_heads, -1)))  # [..., b, t, h, k]
+    q = key_features(hidden, W_mq, num_heads, normalize)  # [..., b, t, h, k]
     numerator = torch.einsum("...thk,...hkv->...thv", q, A)
     denominator = torch.einsum("...thk,...hk->...th", q, z) + READ_EPS
     return (numerator / denominator[..., None]).flatten(-2).to(hidden.dtype)
@@ -151,11 +158,12 @@ def associative_write(
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     num_heads: int,
     correction: bool,
+    normalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Delta-rule update from the memory tokens' outputs [..., rows, m, d]; `weights` = (W_mk, W_mv, W_mb,
     W_mb bias). Returns the new (A, z)."""
     W_mk, W_mv, W_mb, b_mb = weights
-    k = dpfp(_linear(memory_outputs, W_mk).float().unflatten(-1, (num_heads, -1)))  # [..., b, m, h, k]
+    k = key_features(memory_outputs, W_mk, num_heads, normalize)  # [..., b, m, h, k]
     v = _linear(memory_outputs, W_mv).float().unflatten(-1, (num_heads, -1))
     beta = torch.sigmoid(_linear(memory_outputs, W_mb, b_mb).float())
     known = torch.einsum("...mhk,...hk->...mh", k, z)
@@ -193,7 +201,9 @@ class AssociativeLayer(nn.Module):
     Parameter names follow the ARMT release: `W_mq`, `W_mk`, `W_mv`, `W_mb` beside the wrapped `layer`.
     """
 
-    def __init__(self, layer: nn.Module, hidden_size: int, d_mem: int, num_heads: int, correction: bool) -> None:
+    def __init__(
+        self, layer: nn.Module, hidden_size: int, d_mem: int, num_heads: int, correction: bool, normalize: bool = False
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.W_mq = nn.Linear(hidden_size, d_mem, bias=False)
@@ -202,6 +212,7 @@ class AssociativeLayer(nn.Module):
         self.W_mb = nn.Linear(hidden_size, num_heads)
         self.num_heads = num_heads
         self.correction = correction
+        self.normalize = normalize  # L2-normalised key features (config.armt_normalize_features)
         self.context: LayerContext | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -217,13 +228,15 @@ class AssociativeLayer(nn.Module):
 
     def read(self, hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """What this layer's memory adds to `hidden` [rows, T, d]."""
-        return associative_read(hidden, A, z, self.W_mq.weight, self.num_heads)
+        return associative_read(hidden, A, z, self.W_mq.weight, self.num_heads, self.normalize)
 
     def write(
         self, A: torch.Tensor, z: torch.Tensor, memory_outputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The memory after writing the memory tokens' outputs [rows, m, d]."""
-        return associative_write(A, z, memory_outputs, self.write_weights, self.num_heads, self.correction)
+        return associative_write(
+            A, z, memory_outputs, self.write_weights, self.num_heads, self.correction, self.normalize
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         context = self.context
@@ -343,7 +356,8 @@ def build_memory(config: Any, backbone: nn.Module) -> TokenMemory | AssociativeM
         for number, layer in enumerate(layers):
             if not isinstance(layer, AssociativeLayer):
                 layers[number] = AssociativeLayer(
-                    layer, hidden_size, config.armt_d_mem, config.armt_num_heads, config.armt_correction
-                )
+                    layer, hidden_size, config.armt_d_mem, config.armt_num_heads, config.armt_correction,
+                    config.armt_normalize_features,
+                )  # fmt: skip
         return AssociativeMemory(config.num_mem_tokens, hidden_size, list(layers), config.armt_d_mem)
     raise ValueError(f"Unknown memory_type {config.memory_type!r}.")

@@ -35,7 +35,7 @@ from .generation import (
     prefill,
 )
 from .memory import AssociativeMemory, MemoryState, TokenMemory, build_memory
-from .outputs import RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
+from .outputs import CACHE_NAME, RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
 from .segmenting import Segment, SegmentPlan, plan_segments
 
 # Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
@@ -220,7 +220,9 @@ class RMTPreTrainedModel(PreTrainedModel):
         """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
         memory, steps = self.memory, plan.num_segments
         state = self._initial_state(plan.batch_size, memory_state)
-        if self.config.diagonal_batching and not self.training:  # the same cells, run diagonally
+        # Diagonal batching serves inference: with gradients on (training, or probing a model in eval mode)
+        # the sequential loop runs, so that gradients reach every weight.
+        if self.config.diagonal_batching and not self.training and not torch.is_grad_enabled():
             yield from diagonal_segments(self, plan, state, **backbone_kwargs)
             return
         first_step = plan.grid_offset // plan.segment_size
@@ -435,6 +437,8 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
     _alignment = "start"  # segments are cut from each document's first token
     # Decoding state lives in our own cache: generate() must not roll it back (assisted decoding).
     _is_stateful = True
+    # The loss is a sum over tokens divided by Trainer's `num_items_in_batch` when it passes one.
+    accepts_loss_kwargs = True
 
     def _check_backbone(self, config: RMTConfig) -> None:
         if not is_decoder_family(config.text_config):
@@ -484,21 +488,34 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         memory_state: torch.Tensor | None = None,
-        past_key_values: Any = None,
-        use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        token_type_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        use_cache: bool | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
+        prefill_prompt: bool = False,
     ) -> RMTCausalLMOutput | tuple:
-        if isinstance(past_key_values, RMTGenerationCache):  # decoding: continue the cached segments
-            logits = decode(self, past_key_values, input_ids)
-            output = RMTCausalLMOutput(logits=logits, memory_state=past_key_values.memory_state,
-                                       past_key_values=past_key_values)  # fmt: skip
-        elif use_cache and labels is None:  # the first call of generate(): read the prompt
-            logits, cache = prefill(self, input_ids, attention_mask, memory_state, past_key_values)
-            output = RMTCausalLMOutput(logits=logits, memory_state=cache.memory_state, past_key_values=cache)
+        """Logits (and the loss with `labels`) over whole documents of any length.
+
+        `token_type_ids` (from BERT tokenizers) must be all 0. `num_items_in_batch` is `Trainer`'s loss
+        normaliser. `cache`/`past_key_values` (the name depends on the transformers release),
+        `use_cache` and `prefill_prompt` are set by `generate()`: a plain call always runs the full
+        forward pass, whatever `use_cache` says.
+        """
+        if token_type_ids is not None and bool(token_type_ids.any()):
+            raise ValueError("RMTForCausalLM reads every token as type 0; drop token_type_ids (or pass zeros).")
+        cache = cache if cache is not None else past_key_values
+        if isinstance(cache, RMTGenerationCache):  # decoding: continue the cached segments
+            logits = decode(self, cache, input_ids)
+            output = RMTCausalLMOutput(logits=logits, memory_state=cache.memory_state, **{CACHE_NAME: cache})
+        elif prefill_prompt:  # the first call of generate(): read the prompt
+            logits, cache = prefill(self, input_ids, attention_mask, memory_state, cache)
+            output = RMTCausalLMOutput(logits=logits, memory_state=cache.memory_state, **{CACHE_NAME: cache})
         else:
-            output = self._full_forward(input_ids, attention_mask, labels, memory_state, logits_to_keep, **kwargs)
+            loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            output = self._full_forward(input_ids, attention_mask, labels, memory_state, logits_to_keep, **loss_kwargs)
         return output if return_dict is not False else output.to_tuple()
 
     def _full_forward(self, input_ids, attention_mask, labels, memory_state, logits_to_keep, **loss_kwargs):

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.modeling_outputs import ModelOutput
+
+# The name transformers gives the decoding cache in model inputs and outputs: `cache` from 5.24 on
+# (where `past_key_values` is a deprecated alias), `past_key_values` before.
+CACHE_NAME: str = ALL_CACHE_NAMES[0]
 
 
 @dataclass
@@ -48,17 +53,35 @@ class RMTSequenceClassifierOutput(ModelOutput):
 
 
 @dataclass
-class RMTCausalLMOutput(ModelOutput):
-    """Output of `RMTForCausalLM`.
+class _RMTCausalLMFields(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    memory_state: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None  # RMT: tensor; ARMT: (A, z)
+
+
+if CACHE_NAME == "cache":
+
+    @dataclass
+    class RMTCausalLMOutput(_RMTCausalLMFields):
+        """Output of `RMTForCausalLM` (see below)."""
+
+        cache: Any = None  # RMTGenerationCache while decoding
+
+else:
+
+    @dataclass
+    class RMTCausalLMOutput(_RMTCausalLMFields):
+        """Output of `RMTForCausalLM` (see below)."""
+
+        past_key_values: Any = None  # RMTGenerationCache while decoding
+
+
+RMTCausalLMOutput.__doc__ = """Output of `RMTForCausalLM`.
 
     loss: next-token cross-entropy over all segments, the shift crossing segment boundaries.
     logits: `[batch, length, vocab]` in the input's layout (the last `logits_to_keep` positions if set).
     memory_state: the memory after the final segment (while generating: the memory the current
         segment reads).
-    past_key_values: the generation cache (`RMTGenerationCache`) when decoding.
+    cache (`past_key_values` before transformers 5.24): the generation cache (`RMTGenerationCache`)
+        when decoding.
     """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    memory_state: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None  # RMT: tensor; ARMT: (A, z)
-    past_key_values: Any = None  # RMTGenerationCache while decoding
