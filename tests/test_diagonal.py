@@ -95,6 +95,20 @@ def test_stacked_weights_follow_weight_updates():
     assert relative_error(sequential.logits, diagonal.logits) <= 1e-5
 
 
+def test_the_stacked_weights_are_freed_on_request_and_for_training():
+    model = tiny_armt_lm("gpt2", diagonal_batching=True)
+    ids = prompts([4 * SEGMENT])[0][None]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert "_diagonal_executor" in model.__dict__
+    model.release_diagonal_weights()
+    assert "_diagonal_executor" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)  # rebuilt on use
+    model.train()
+    assert "_diagonal_executor" not in model.__dict__
+
+
 def test_training_uses_the_sequential_loop():
     model = tiny_armt_lm("llama", diagonal_batching=True).train()
     ids = prompts([3 * SEGMENT])[0][None]

@@ -121,6 +121,16 @@ class RMTPreTrainedModel(PreTrainedModel):
         if isinstance(module, (TokenMemory, AssociativeMemory)):
             init.normal_(module.memory_tokens, mean=0.0, std=self._initializer_range)
 
+    def release_diagonal_weights(self) -> None:
+        """Free the stacked copy of the layer weights that diagonal batching builds on first use (it is
+        rebuilt when needed again). `train()` frees it too: training never uses it."""
+        self.__dict__.pop("_diagonal_executor", None)
+
+    def train(self, mode: bool = True) -> RMTPreTrainedModel:
+        if mode:
+            self.release_diagonal_weights()
+        return super().train(mode)
+
     @property
     def _initializer_range(self) -> float:
         return getattr(self.config.text_config, "initializer_range", 0.02)
