@@ -34,7 +34,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 import modeling_rmt
-from conversion.from_backbone import long_document_tokenizer
+from conversion.from_backbone import long_document_tokenizer, make_like_a_new_folder
 
 # The flat files of `modeling_rmt/` that go to the Hub (the remote code); the one list of them.
 HUB_FILES: tuple[str, ...] = (
@@ -268,11 +268,15 @@ def export_checkpoint(
         _check_weights(staging, target)
         marker = {"written_by": "conversion.export", "note": "marks an export that --overwrite may replace"}
         (staging / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
-        if out_dir.exists():  # empty, or an earlier export that `_check_output` accepted
-            for old in out_dir.iterdir():
-                old.unlink()
-            out_dir.rmdir()
-        staging.rename(out_dir)
+        make_like_a_new_folder(staging)
+        if out_dir.exists():  # empty, or an earlier export: checked again, as it may have changed meanwhile
+            _check_output(out_dir, checkpoint, overwrite)
+            replaced = staging.with_name(staging.name + "-replaced")
+            out_dir.rename(replaced)  # kept until the new export is in place
+            staging.rename(out_dir)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

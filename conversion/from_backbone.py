@@ -11,6 +11,7 @@ backbone's tokenizer with `model_max_length` raised for long documents, so it lo
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -34,6 +35,13 @@ def long_document_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTok
     return tokenizer
 
 
+def make_like_a_new_folder(folder: Path) -> None:
+    """Give a `tempfile.mkdtemp` folder (private: 0700) the permissions `mkdir` would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+
+
 def write_new_folder(output_dir: str | Path, write: Callable[[Path], None]) -> Path:
     """Run `write(folder)` into a fresh temporary folder beside `output_dir`, then rename it to
     `output_dir`: an existing non-empty folder (such as the backbone's own) is refused before anything
@@ -47,6 +55,7 @@ def write_new_folder(output_dir: str | Path, write: Callable[[Path], None]) -> P
         write(staging)
         if output_dir.exists():
             output_dir.rmdir()  # empty (checked above)
+        make_like_a_new_folder(staging)
         staging.rename(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

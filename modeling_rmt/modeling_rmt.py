@@ -175,6 +175,8 @@ class RMTPreTrainedModel(PreTrainedModel):
         for key in HEAD_KWARGS:
             if key in config_kwargs:
                 backbone_kwargs[key] = config_kwargs.pop(key)
+        if config_kwargs.get("attn_implementation") is not None:  # the backbone runs the attention
+            backbone_kwargs.setdefault("attn_implementation", config_kwargs["attn_implementation"])
         backbone = cls._backbone_auto_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -216,6 +219,8 @@ def test_clear_errors_for_bad_input():
         model(input_ids=batch["input_ids"], token_type_ids=torch.ones_like(batch["input_ids"]))
     with pytest.raises(ValueError, match="memory_state has shape"):
         model.generate(**batch, memory_state=torch.zeros(2, MEMORY + 1, 32), max_new_tokens=3, pad_token_id=0)
+    with pytest.raises(ValueError, match="drop prefill_chunk_size"):
+        model.generate(**batch, max_new_tokens=3, pad_token_id=0, prefill_chunk_size=4)
     with pytest.raises(ValueError, match="keeps its own decoding cache"):
         model.generate(**batch, max_new_tokens=3, pad_token_id=0, cache_implementation="static")
     with pytest.raises(ValueError, match="stateful"):
@@ -311,6 +316,11 @@ def test_conversion_of_a_decoder_backbone_keeps_its_weights(tmp_path):
     assert model.config.segment_size == 64 - 2 * 4 and model.config.pad_token_id == 0
     for key, value in backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "rmt").stat().st_mode) == 0o777 & ~umask  # as a folder made by mkdir
+    eager = RMTForCausalLM.from_backbone(str(tmp_path / "backbone"), num_mem_tokens=4, attn_implementation="eager")
+    assert eager.config._attn_implementation == eager.backbone.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("batch_size, accumulation", [(2, 4)])

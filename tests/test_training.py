@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,8 +116,8 @@ def test_a_run_carried_as_a_snapshot_resumes_at_its_step_stage_and_schedule(tiny
     from modeling_rmt.training.snapshot import main as snapshot_main
 
     # A stage change on a schedule (at step 2) and no early stop (accuracy 1.0 is out of reach here).
-    common = ["--max-steps", "6", "--stages", "1", "2", "--every-steps", "2", "--advance-at", "1.0",
-              "--warmup-steps", "2"]  # fmt: skip
+    common = ["--max-steps", "8", "--stages", "1", "2", "--every-steps", "2", "--advance-at", "1.0",
+              "--warmup-steps", "4"]  # fmt: skip
     whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *common))
     part = train_main(run_args(tiny_backbone, tmp_path / "first", *common, "--stop-at-step", "3"))
     snapshot = snapshot_main(["save", str(part), str(tmp_path / "snapshot")])
@@ -129,25 +130,35 @@ def test_a_run_carried_as_a_snapshot_resumes_at_its_step_stage_and_schedule(tiny
     for name in weights:
         assert weights[name].dtype == saved[name].dtype
         torch.testing.assert_close(weights[name], saved[name], rtol=1e-3, atol=1e-4)  # float16 on the way
+    # Stopped again during the new warm-up (steps 4 to 7), then resumed from that ordinary checkpoint.
+    train_main(run_args(tiny_backbone, tmp_path / "second", *common, "--stop-at-step", "5"))
     final = train_main(run_args(tiny_backbone, tmp_path / "second", *common))
     assert Curriculum.load(final) == Curriculum.load(whole)  # the stage went on from the snapshot's
     losses, reference = logged_losses(final), logged_losses(whole)
-    assert sorted(losses) == sorted(reference) == [1, 2, 3, 4, 5, 6]  # the first part's log came along
+    assert sorted(losses) == sorted(reference) == list(range(1, 9))  # the first part's log came along
     assert [losses[step] for step in (1, 2, 3)] == pytest.approx([reference[step] for step in (1, 2, 3)])
     rates, scheduled = logged_learning_rates(final), logged_learning_rates(whole)
-    assert rates[4] == pytest.approx(scheduled[4] / 2)  # warming up again over 2 steps, at the schedule's step
-    assert rates[5] == pytest.approx(scheduled[5]) and rates[6] == pytest.approx(scheduled[6])
+    for step, share in {4: 1 / 4, 5: 2 / 4, 6: 3 / 4, 7: 1.0, 8: 1.0}.items():  # warming up over 4 steps
+        assert rates[step] == pytest.approx(scheduled[step] * share), step
     with pytest.raises(SystemExit, match="as new as the snapshot"):
         snapshot_main(["restore", str(snapshot), str(part)])
     with pytest.raises(SystemExit, match="is not a snapshot"):
         snapshot_main(["save", str(part), str(tiny_backbone)])
 
 
-def test_resuming_a_checkpoint_without_its_curriculum_is_refused(tiny_backbone, tmp_path):
-    run = train_main(run_args(tiny_backbone, tmp_path / "run", "--max-steps", "4", "--stop-at-step", "2"))
-    (run / "checkpoint-2" / "curriculum.json").unlink()
-    with pytest.raises(SystemExit, match="no curriculum.json"):
-        train_main(run_args(tiny_backbone, tmp_path / "run", "--max-steps", "4"))
+def test_a_checkpoint_whose_save_was_interrupted_is_set_aside_and_the_one_before_resumed(tiny_backbone, tmp_path):
+    common = ["--max-steps", "6", "--stages", "1", "2", "--advance-at", "0.0"]
+    whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *common))
+    run = train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--stop-at-step", "4"))
+    (run / "checkpoint-4" / "curriculum.json").unlink()  # killed after Trainer's save, before the curriculum's
+    final = train_main(run_args(tiny_backbone, tmp_path / "run", *common))
+    assert (run / "incomplete-checkpoint-4" / "model.safetensors").is_file()  # kept, out of the way
+    assert logged_losses(final) == pytest.approx(logged_losses(whole), rel=1e-5)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run / "incomplete-checkpoint-4", foreign / "checkpoint-4")  # no curriculum anywhere
+    with pytest.raises(SystemExit, match="holds no complete checkpoint"):
+        train_main(run_args(tiny_backbone, foreign, *common))
+    assert [p.name for p in foreign.iterdir()] == ["checkpoint-4"]
 
 
 def test_training_documents_take_the_length_of_their_step(tiny_backbone):

@@ -238,6 +238,11 @@ class RMTGenerationMixin(GenerationMixin):
             model_kwargs["memory_state"] = tuple(part.repeat_interleave(expand_size, dim=0) for part in memory_state)
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
+    def _prefill(self, input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
+        if getattr(generation_config, "prefill_chunk_size", None) is not None:
+            raise ValueError("RMTForCausalLM reads prompts segment by segment itself: drop prefill_chunk_size.")
+        return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.Tensor,
@@ -253,7 +258,10 @@ class RMTGenerationMixin(GenerationMixin):
             if kwargs.get(option):
                 raise ValueError(f"RMTForCausalLM.generate does not return per-layer outputs; drop {option}=True.")
         if attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1]:
-            raise ValueError("RMTForCausalLM reads prompts segment by segment itself: drop prefill_chunk_size.")
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[1]} columns but the prompt {input_ids.shape[1]} tokens; "
+                "pass the mask the tokenizer made for these input_ids."
+            )
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(
                 "A prompt has padding on the right; generation continues each prompt at its end, so pad on "

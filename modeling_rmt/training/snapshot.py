@@ -8,9 +8,9 @@ A Trainer checkpoint holds the weights in float32 and the optimizer's two moment
 model in all. A snapshot keeps the weights in float16 (half the model) with the run's state: the
 trainer state (step, log history), the curriculum stage and the run clock. The optimizer is not
 kept: the resumed run starts fresh Adam moments, continues the learning-rate schedule at the
-snapshot's step and warms it up again over the run's `--warmup-steps` (`SnapshotResume`). So a run
-resumed from a snapshot is close to, not equal to, an uninterrupted one; a run resumed from its own
-Trainer checkpoint is equal.
+snapshot's step and warms it up again over the run's `--warmup-steps` (`Rewarm`; checkpoints saved
+during the warm-up carry it in `rewarm.json`). So a run resumed from a snapshot is close to, not
+equal to, an uninterrupted one; a run resumed from its own Trainer checkpoint is equal.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 SNAPSHOT_FILE = "snapshot.json"
+REWARM_FILE = "rewarm.json"
+COMPLETE = ("model.safetensors", "trainer_state.json", "curriculum.json")  # what a resumable checkpoint holds
 STATE_FILES = ("config.json", "generation_config.json", "trainer_state.json", "curriculum.json", "run_time.json")
 WEIGHTS = "model.safetensors"
 
@@ -35,16 +37,13 @@ WEIGHTS = "model.safetensors"
 def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
     """Write the newest checkpoint of `run_dir` as a snapshot (replacing an earlier snapshot there)."""
     run_dir, snapshot_dir = Path(run_dir), Path(snapshot_dir)
-    checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    checkpoint = last_complete_checkpoint(run_dir)
     if checkpoint is None:
-        raise SystemExit(f"{run_dir} has no checkpoint-N folder to snapshot; train with --save-steps first.")
-    checkpoint = Path(checkpoint)
+        raise SystemExit(f"{run_dir} has no complete checkpoint-N folder (with {', '.join(COMPLETE)}) to snapshot; "
+                         "train with --save-steps first.")  # fmt: skip
     if snapshot_dir.exists() and not (snapshot_dir / SNAPSHOT_FILE).is_file():
         raise SystemExit(f"{snapshot_dir} exists and is not a snapshot; pick an empty or new folder.")
-    missing = [name for name in (WEIGHTS, "trainer_state.json", "curriculum.json") if not (checkpoint / name).is_file()]
-    if missing:
-        raise SystemExit(f"{checkpoint} lacks {', '.join(missing)}; it is not a checkpoint of modeling_rmt.training.")
-    step = int(checkpoint.name.split("-")[-1])
+    step = checkpoint_step(checkpoint)
     with tempfile.TemporaryDirectory(dir=snapshot_dir.parent if snapshot_dir.parent.exists() else None) as tmp:
         staging = Path(tmp) / "snapshot"
         staging.mkdir()
@@ -70,7 +69,7 @@ def restore_snapshot(snapshot_dir: str | Path, run_dir: str | Path) -> Path:
         raise SystemExit(f"{snapshot_dir} is not a snapshot (no {SNAPSHOT_FILE}); make one with `snapshot save`.")
     step = json.loads((snapshot_dir / SNAPSHOT_FILE).read_text())["step"]
     newest = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if newest is not None and int(Path(newest).name.split("-")[-1]) >= step:
+    if newest is not None and checkpoint_step(Path(newest)) >= step:
         raise SystemExit(f"{run_dir} already holds {Path(newest).name}, as new as the snapshot (step {step}); "
                          "resume from it instead.")  # fmt: skip
     target = run_dir / f"checkpoint-{step}"
@@ -84,6 +83,30 @@ def restore_snapshot(snapshot_dir: str | Path, run_dir: str | Path) -> Path:
     return target
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.split("-")[-1])
+
+
+def last_complete_checkpoint(run_dir: str | Path, set_aside: bool = False) -> Path | None:
+    """The newest `checkpoint-N` of `run_dir` holding weights, trainer state and curriculum. Newer ones
+    without them (a run killed while saving) are skipped, and with `set_aside` renamed
+    `incomplete-checkpoint-N` so that Trainer ignores them; nothing is deleted. None (and nothing
+    renamed) when no checkpoint is complete."""
+    run_dir = Path(run_dir)
+    folders = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    incomplete = []
+    for folder in sorted(folders, key=checkpoint_step, reverse=True):
+        if not all((folder / name).is_file() for name in COMPLETE):
+            incomplete.append(folder)
+            continue
+        for newer in incomplete if set_aside else []:
+            aside = newer.with_name(f"incomplete-{newer.name}")
+            print(f"{newer} is incomplete (a save was interrupted); set aside as {aside.name}")
+            newer.rename(aside)
+        return folder
+    return None
+
+
 def _to_float16(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.half() if tensor.dtype == torch.float32 else tensor
 
@@ -93,13 +116,35 @@ def _rewarmed(schedule, resumed_at: int, rewarm_steps: int, step: int) -> float:
     return schedule(step) * min(1.0, (step - resumed_at + 1) / rewarm_steps)
 
 
-class SnapshotResume(TrainerCallback):
-    """On a run resumed from a snapshot (no optimizer state): continue the learning-rate schedule at
-    the resumed step instead of from step 0, warming it up again over `rewarm_steps` while the fresh
-    Adam moments fill. Later checkpoints carry the optimizer and resume exactly."""
+class Rewarm(TrainerCallback):
+    """After resuming from a snapshot (no optimizer state) at step `resumed_at`: continue the
+    learning-rate schedule at the current step instead of from step 0, warmed up again over
+    `rewarm_steps` while the fresh Adam moments fill. Checkpoints saved later keep the warm-up in
+    `rewarm.json`, so a run resumed from one during the warm-up goes on with it."""
 
-    def __init__(self, rewarm_steps: int) -> None:
-        self.rewarm_steps = max(rewarm_steps, 1)
+    def __init__(self, resumed_at: int, rewarm_steps: int) -> None:
+        self.resumed_at, self.rewarm_steps = resumed_at, max(rewarm_steps, 1)
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str | Path | None, warmup_steps: int) -> Rewarm | None:
+        """The warm-up a run resuming from `checkpoint` needs: a new one after a snapshot, the saved one
+        after a checkpoint written during a warm-up, else None."""
+        if checkpoint is None:
+            return None
+        checkpoint = Path(checkpoint)
+        if (checkpoint / SNAPSHOT_FILE).is_file() and not (checkpoint / "optimizer.pt").is_file():
+            return cls(checkpoint_step(checkpoint), warmup_steps)
+        if (checkpoint / REWARM_FILE).is_file():
+            return cls(**json.loads((checkpoint / REWARM_FILE).read_text()))
+        return None
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        warming = state.global_step < self.resumed_at + self.rewarm_steps
+        if state.is_world_process_zero and folder.is_dir() and warming:
+            record = {"resumed_at": self.resumed_at, "rewarm_steps": self.rewarm_steps}
+            (folder / REWARM_FILE).write_text(json.dumps(record) + "\n")
+        return control
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
@@ -107,18 +152,13 @@ class SnapshotResume(TrainerCallback):
             raise SystemExit(f"Resuming from a snapshot needs a LambdaLR schedule (e.g. linear); got "
                              f"{type(scheduler).__name__}.")  # fmt: skip
         step = state.global_step
-        scheduler.lr_lambdas = [partial(_rewarmed, f, step, self.rewarm_steps) for f in scheduler.lr_lambdas]
+        scheduler.lr_lambdas = [partial(_rewarmed, f, self.resumed_at, self.rewarm_steps) for f in scheduler.lr_lambdas]
         scheduler.last_epoch = step
         groups = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         for group, base_lr, schedule in groups:
             group["lr"] = base_lr * schedule(step)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         return control
-
-
-def resumed_from_snapshot(checkpoint: str | Path | None) -> bool:
-    """True for a checkpoint restored from a snapshot that the run has not yet saved over."""
-    return checkpoint is not None and (Path(checkpoint) / SNAPSHOT_FILE).is_file()
 
 
 def main(argv: list[str] | None = None) -> Path:

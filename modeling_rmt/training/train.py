@@ -31,7 +31,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from conversion.from_backbone import long_document_tokenizer
 from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
@@ -39,7 +38,7 @@ from modeling_rmt.tools.backbones import minilm_path
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id
-from .snapshot import SnapshotResume, resumed_from_snapshot
+from .snapshot import Rewarm, last_complete_checkpoint
 from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
 
@@ -160,12 +159,13 @@ def main(argv: list[str] | None = None) -> Path:
             f"{output_dir / 'final'} exists: this run has finished. Use a new --output-dir (or move that "
             "folder away) to train again; nothing was changed."
         )
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = last_complete_checkpoint(output_dir, set_aside=True) if output_dir.is_dir() else None
     curriculum = Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps)
-    if last and not (Path(last) / "curriculum.json").is_file():
+    if last is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
         raise SystemExit(
-            f"{last} has no curriculum.json, so the curriculum stage it reached is unknown; resume only from "
-            "checkpoints this command wrote (or restore a snapshot), or start a new --output-dir."
+            f"{output_dir} holds no complete checkpoint (one with model.safetensors, trainer_state.json and "
+            "curriculum.json): they were written by other code, or the first save was interrupted. Train into a new "
+            "--output-dir, or move those checkpoint folders away."
         )
     if last:
         saved = Curriculum.load(last)
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
         remove_unused_columns=False, ddp_find_unused_parameters=False, train_sampling_strategy="sequential",
     )  # fmt: skip
     clock = RunClock(last)
+    rewarm = Rewarm.for_checkpoint(last, args.warmup_steps)
     trainer = Trainer(
         model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
         data_collator=DecoderCollator(pad_token_id(tokenizer)) if decoder else DataCollatorWithPadding(tokenizer),
@@ -199,12 +200,12 @@ def main(argv: list[str] | None = None) -> Path:
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
         callbacks=[CurriculumCallback(curriculum), clock]
         + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else [])
-        + ([SnapshotResume(args.warmup_steps)] if resumed_from_snapshot(last) else []),
+        + ([rewarm] if rewarm else []),
     )  # fmt: skip
     if last:
-        kind = " (a snapshot: fresh optimizer, the schedule warmed up again)" if resumed_from_snapshot(last) else ""
+        kind = f" (learning rate warming up again from step {rewarm.resumed_at})" if rewarm else ""
         print(f"resuming from {last}{kind} at {curriculum.num_segments} segments per document")
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     if args.stop_at_step and trainer.state.global_step >= args.stop_at_step < args.max_steps:
         print(f"stopped at step {trainer.state.global_step}; run again with the same --output-dir to resume")
         return output_dir
