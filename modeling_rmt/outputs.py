@@ -63,16 +63,12 @@ if CACHE_NAME == "cache":
 
     @dataclass
     class RMTCausalLMOutput(_RMTCausalLMFields):
-        """Output of `RMTForCausalLM` (see below)."""
-
         cache: Any = None  # RMTGenerationCache while decoding
 
 else:
 
     @dataclass
     class RMTCausalLMOutput(_RMTCausalLMFields):
-        """Output of `RMTForCausalLM` (see below)."""
-
         past_key_values: Any = None  # RMTGenerationCache while decoding
 
 
