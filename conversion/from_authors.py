@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
-from conversion.from_backbone import long_document_tokenizer, write_new_folder
+from conversion.from_backbone import long_document_tokenizer, refuse_non_empty, write_new_folder
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification, RMTPreTrainedModel
 from modeling_rmt.configuration_rmt import backbone_position_limit, segment_overhead
 
@@ -380,8 +380,7 @@ def convert_authors_checkpoint(
     The tokenizer is `tokenizer` if given, else the backbone folder's own if it has one, else none.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"Output folder {output_dir} exists and is not empty: choose a new folder (nothing written).")
+    refuse_non_empty(output_dir)
     state = load_authors_checkpoint(source)
     text_config = backbone if isinstance(backbone, PreTrainedConfig) else AutoConfig.from_pretrained(str(backbone))
     if tokenizer is None and isinstance(backbone, (str, Path)) and Path(backbone).is_dir():

@@ -42,13 +42,18 @@ def make_like_a_new_folder(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
 
 
+def refuse_non_empty(output_dir: Path) -> None:
+    """ValueError unless `output_dir` is missing or an empty folder (checked before any work is done)."""
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"Output folder {output_dir} exists and is not empty: choose a new folder (nothing written).")
+
+
 def write_new_folder(output_dir: str | Path, write: Callable[[Path], None]) -> Path:
     """Run `write(folder)` into a fresh temporary folder beside `output_dir`, then rename it to
     `output_dir`: an existing non-empty folder (such as the backbone's own) is refused before anything
     is written, and a conversion that fails half-way leaves nothing behind."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"Output folder {output_dir} exists and is not empty: choose a new folder (nothing written).")
+    refuse_non_empty(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
     try:
@@ -72,8 +77,7 @@ def convert_backbone(
     """Wrap `backbone` with memory and save model, code and tokenizer to `output_dir` (a new or empty
     folder: nothing is ever written over)."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"Output folder {output_dir} exists and is not empty: choose a new folder (nothing written).")
+    refuse_non_empty(output_dir)
     model_class = HEADS[head]
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     model = model_class.from_backbone(backbone, tokenizer=tokenizer, **rmt_kwargs)
