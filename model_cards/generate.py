@@ -34,7 +34,14 @@ REQUIRED: dict[str, dict[str, Any]] = {
 OPTIONAL: dict[str, dict[str, Any]] = {
     "": {"base_model": str, "datasets": list, "plot": str, "notes": str, "example": bool},
     "config": {"backbone": str},  # what it was built on when there is no base model (trained from scratch)
-    "training": {"noise": str, "stages": list, "hours": NUMBER, "hours_from_step": int, "curriculum_history": list},
+    "training": {
+        "noise": str,
+        "stages": list,
+        "hours": NUMBER,
+        "hours_from_step": int,
+        "curriculum_history": list,
+        "precision": list,
+    },
 }
 MODEL_CLASSES = {"text-classification": "RMTForSequenceClassification", "text-generation": "RMTForCausalLM"}
 TASK_DESCRIPTIONS = {
@@ -224,6 +231,15 @@ def _usage(results: dict[str, Any]) -> str:
     )
 
 
+def describe_precision(parts: list[dict[str, Any]], steps: int) -> str:
+    """`float32` for one part; `float32 (steps 1-2,800), bfloat16 ... (steps 2,801-5,000)` for several."""
+    if len(parts) == 1:
+        return parts[0]["dtype"]
+    ends = [part["from_step"] - 1 for part in parts[1:]] + [steps]
+    spans = zip(parts, ends, strict=True)
+    return ", ".join(f"{part['dtype']} (steps {part['from_step']:,}-{end:,})" for part, end in spans)
+
+
 def _training(results: dict[str, Any]) -> str:
     training = results["training"]
     tasks = ", ".join(
@@ -240,6 +256,8 @@ def _training(results: dict[str, Any]) -> str:
     if "hours_from_step" in training:
         time += f" (steps {training['hours_from_step']:,} to {steps:,}; the parts before were not timed)"
     lines.append(f"- Hardware: {training['hardware']}{time}.")
+    if "precision" in training:
+        lines.append(f"- Precision: {describe_precision(training['precision'], steps)}.")
     lines += ["", "Command:", "", "```bash", training["command"], "```"]
     history = training.get("curriculum_history", [])
     if history:

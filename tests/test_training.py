@@ -107,6 +107,21 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     assert (resumed / "model.safetensors").read_bytes() == before
 
 
+def test_a_run_resumed_in_bf16_records_each_parts_precision_for_its_card(tiny_backbone, tmp_path):
+    from model_cards.generate import describe_precision
+
+    common = ["--max-steps", "4", "--stages", "1"]
+    stopped = train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--stop-at-step", "2"))
+    assert json.loads((stopped / "checkpoint-2" / "run_time.json").read_text())["precision"] == [
+        {"from_step": 1, "dtype": "float32"}
+    ]
+    final = train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--bf16"))
+    parts = json.loads((final / "run_time.json").read_text())["precision"]
+    assert parts == [{"from_step": 1, "dtype": "float32"}, {"from_step": 3, "dtype": "bfloat16 mixed precision"}]
+    assert describe_precision(parts, 4) == "float32 (steps 1-2), bfloat16 mixed precision (steps 3-4)"
+    assert describe_precision(parts[:1], 4) == "float32"
+
+
 def logged_learning_rates(final: Path) -> dict[int, float]:
     history = json.loads((final / "log_history.json").read_text())
     return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
@@ -215,6 +230,7 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
     card = render_card(validate(json.loads(results_path.read_text())))
     assert "rmt-tiny" in card and f"{3 * SEGMENT:,}" in card
     assert "1.5 h (steps 2 to 2; the parts before were not timed)" in card
+    assert "Precision" not in card  # a clock of older code records no precision: none is claimed
     kept = results_path.read_text()
     with pytest.raises(SystemExit, match="another seed"):  # cells of another measurement never mix in
         evaluate_main([*common, "--segments", "2", "--samples", "2", "--seed", "7"])

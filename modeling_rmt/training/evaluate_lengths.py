@@ -82,6 +82,11 @@ def save_results(path: Path, results: dict) -> None:
     temporary.replace(path)  # never leave a half-written results file
 
 
+def render_flag(value) -> str:
+    """A command-line value as typed: lists space-separated."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
     """The card fields of a results JSON from a training run's `final/` folder (written by `train.py`)."""
     settings = json.loads((final / "training_args.json").read_text())
@@ -92,9 +97,9 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
     runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
     steps = max((entry.get("step", 0) for entry in history), default=0)
     shown = ("head", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size", "grad_accum", "segment_size",
-             "num_mem_tokens", "memory_type", "decoder_preset")  # fmt: skip
-    flags = " ".join(f"--{key.replace('_', '-')} {' '.join(map(str, value)) if isinstance(value, list) else value}"
-                     for key, value in settings.items() if key in shown and value is not None)  # fmt: skip
+             "num_mem_tokens", "memory_type", "decoder_preset", "bf16")  # fmt: skip
+    flags = " ".join(f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
+                     for key, value in settings.items() if key in shown and value not in (None, False))  # fmt: skip
     model_class = config["architectures"][0]
     backbone = settings.get("backbone")
     base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
@@ -117,6 +122,7 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
                                                   if clock and clock["untimed_steps"] else {}),
             "command": f"python -m modeling_rmt.training.train --output-dir runs/{name} {flags}",
             "curriculum_history": curriculum["history"],
+            **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
         },
         "limitations": [
             "Trained and evaluated on synthetic memory tasks only: bAbI-style facts hidden in public-domain "

@@ -95,24 +95,30 @@ class StopAtStep(TrainerCallback):
 
 
 class RunClock(TrainerCallback):
-    """Wall-clock time of a run over all its resumed parts (training with its validation and saving),
-    kept in each checkpoint as `run_time.json`: `seconds` up to that step, and `untimed_steps`, the
-    steps done before a resumed part whose checkpoint had no clock (a run started by older code)."""
+    """Wall-clock time and precision of a run over all its resumed parts, kept in each checkpoint as
+    `run_time.json`: `seconds` up to that step; `untimed_steps`, the steps done before a resumed part whose
+    checkpoint had no clock (a run started by older code); `precision`, the parts as `{from_step, dtype}`."""
 
     FILE = "run_time.json"
 
-    def __init__(self, resumed_from: str | None) -> None:
+    def __init__(self, resumed_from: str | None, dtype: str = "float32") -> None:
         saved = Path(resumed_from or "") / self.FILE
-        if resumed_from and saved.is_file():
-            record = json.loads(saved.read_text())
+        resumed_step = int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0
+        record = json.loads(saved.read_text()) if resumed_from and saved.is_file() else None
+        if record:
             self.seconds, self.untimed_steps = float(record["seconds"]), int(record["untimed_steps"])
         else:
-            self.seconds, self.untimed_steps = 0.0, int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0
+            self.seconds, self.untimed_steps = 0.0, resumed_step
+        self.precision = list((record or {}).get("precision") or [{"from_step": 1, "dtype": "unrecorded"}])
+        if not resumed_from:
+            self.precision = [{"from_step": 1, "dtype": dtype}]
+        elif self.precision[-1]["dtype"] != dtype:
+            self.precision.append({"from_step": resumed_step + 1, "dtype": dtype})
         self.started = time.perf_counter()
 
-    def record(self) -> dict[str, float | int]:
+    def record(self) -> dict:
         return {"seconds": round(self.seconds + time.perf_counter() - self.started, 1),
-                "untimed_steps": self.untimed_steps}  # fmt: skip
+                "untimed_steps": self.untimed_steps, "precision": self.precision}  # fmt: skip
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / self.FILE).write_text(json.dumps(self.record()))
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
         use_cpu=not torch.cuda.is_available(), disable_tqdm=args.no_progress, dataloader_num_workers=0,
         remove_unused_columns=False, ddp_find_unused_parameters=False, train_sampling_strategy="sequential",
     )  # fmt: skip
-    clock = RunClock(last)
+    clock = RunClock(last, "bfloat16 mixed precision" if args.bf16 else "float32")
     rewarm = Rewarm.for_checkpoint(last, args.warmup_steps)
     trainer = Trainer(
         model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
