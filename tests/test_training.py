@@ -320,6 +320,9 @@ def test_a_decoder_trains_on_qa1_from_scratch_and_loads_as_a_causal_lm(tmp_path)
     assert model.config.memory_type == "rmt" and model.config.text_config.model_type == "llama"
     prompt = torch.tensor([[101, 2073, 2003, 2984, 1029]])
     assert model.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 8)
+    tokenizer = AutoTokenizer.from_pretrained(final)  # adds no [CLS]/[SEP]: prompts look like training documents
+    assert tokenizer("Where is Mary?")["input_ids"] == [2073, 2003, 2984, 1029]
+    assert (tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.model_max_length) == (102, 0, 2**24)
 
     from model_cards.generate import render_card, validate
     from modeling_rmt.training.evaluate_lengths import main as evaluate_main
@@ -334,6 +337,20 @@ def test_a_decoder_trains_on_qa1_from_scratch_and_loads_as_a_causal_lm(tmp_path)
     ]
     card = render_card(validate(results))
     assert "trained from scratch" in card and "base_model" not in card and "huggingface.co/None" not in card
+
+
+def test_a_prompt_tokenizer_adds_no_special_tokens_and_keeps_that_when_saved(tmp_path):
+    from modeling_rmt.training.decoder import prompt_tokenizer
+
+    encoder_tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
+    text = "Mary went to the Kitchen. Where is Mary?"
+    plain = encoder_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert encoder_tokenizer(text)["input_ids"] != plain
+    prompt_tokenizer(encoder_tokenizer).save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(text)["input_ids"] == plain and reloaded.decode(plain) == encoder_tokenizer.decode(plain)
+    assert reloaded.special_tokens_map == encoder_tokenizer.special_tokens_map
+    assert prompt_tokenizer(reloaded) is reloaded  # already plain: returned as it is
 
 
 def test_decoder_answers_are_generated_from_left_padded_prompts_and_scored_by_the_babilong_rule():

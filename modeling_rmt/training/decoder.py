@@ -8,9 +8,12 @@ tokenizer's vocabulary (`DECODER_PRESETS`).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
-from transformers import LlamaConfig
+from tokenizers.processors import TemplateProcessing
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from modeling_rmt import RMTConfig, RMTForCausalLM
 
@@ -39,6 +42,24 @@ def build_decoder(
     config = RMTConfig(text_config=text_config, num_mem_tokens=num_mem_tokens, segment_size=segment_size,
                        memory_type=memory_type, pad_token_id=pad_token_id(tokenizer))  # fmt: skip
     return RMTForCausalLM(config)
+
+
+def prompt_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
+    """`tokenizer` adding no special tokens, as the decoder's documents were built: an encoder's
+    tokenizer (MiniLM's) would put `[CLS] ... [SEP]` around a prompt, and the decoder would answer
+    after `[SEP]`, which ends answers. Saved and loaded again (as `PreTrainedTokenizerFast`) it still
+    adds none, so `pipeline("text-generation")` and `tokenizer(prompt)` give the training layout."""
+    if tokenizer("a")["input_ids"] == tokenizer("a", add_special_tokens=False)["input_ids"]:
+        return tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} adds special tokens and is not a fast tokenizer: use a fast "
+                         "one (tokenizer.json) for a decoder, so that they can be turned off.")  # fmt: skip
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.post_processor = TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=tokenizer.model_max_length,
+        padding_side=tokenizer.padding_side, **tokenizer.special_tokens_map,
+    )  # fmt: skip
 
 
 def end_token_id(tokenizer) -> int:

@@ -37,7 +37,7 @@ from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
-from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id
+from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id, prompt_tokenizer
 from .snapshot import Rewarm, last_complete_checkpoint
 from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(args.seed)
     tokenizer_source = args.tokenizer or args.backbone or str(minilm_path())
     tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
+    if decoder:
+        tokenizer = prompt_tokenizer(tokenizer)  # documents carry no [CLS] or [SEP]
     if (output_dir / "final").exists():
         raise SystemExit(
             f"{output_dir / 'final'} exists: this run has finished. Use a new --output-dir (or move that "
