@@ -41,6 +41,7 @@ OPTIONAL: dict[str, dict[str, Any]] = {
         "hours_from_step": int,
         "curriculum_history": list,
         "precision": list,
+        "initialised_from": dict,
     },
 }
 MODEL_CLASSES = {"text-classification": "RMTForSequenceClassification", "text-generation": "RMTForCausalLM"}
@@ -244,11 +245,22 @@ def describe_precision(parts: list[dict[str, Any]], steps: int) -> str:
 
 
 def _training(results: dict[str, Any]) -> str:
-    training = results["training"]
+    return "\n".join(_training_lines(results["training"]))
+
+
+def _training_lines(training: dict[str, Any]) -> list[str]:
+    """The recipe of one training run; a run started from another's weights lists that one first."""
+    lines: list[str] = []
+    previous = training.get("initialised_from")
+    if previous is not None and "command" in previous:
+        lines += [f"First, the run `{previous['name']}`:", "", *_training_lines(previous), ""]
+        lines += ["Then a second run, starting from its final weights:", ""]
+    elif previous is not None:
+        lines += [f"Started from the weights of `{previous['name']}` (its recipe is in its own card).", ""]
     tasks = ", ".join(
         f"`{t}` ({TASK_DESCRIPTIONS[t]})" if t in TASK_DESCRIPTIONS else f"`{t}`" for t in training["tasks"]
     )
-    lines = [f"- Tasks: {tasks}."]
+    lines.append(f"- Tasks: {tasks}.")
     if "noise" in training:
         lines.append(f"- Noise text: {training['noise']}.")
     if "stages" in training:
@@ -266,7 +278,7 @@ def _training(results: dict[str, Any]) -> str:
     if history:
         lines += ["", "Curriculum history:", "", "| step | segments | best accuracy | reason |", "|---:|---:|---:|---|"]
         lines += [f"| {h['step']:,} | {h['segments']} | {h['best']:.1%} | {h['reason']} |" for h in history]
-    return "\n".join(lines)
+    return lines
 
 
 def render_card(results: dict[str, Any]) -> str:

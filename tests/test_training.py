@@ -245,6 +245,41 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
     assert not (tmp_path / "leaky").exists()
 
 
+def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_backbone, tmp_path):
+    from model_cards.generate import render_card
+    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+
+    first = train_main(run_args(tiny_backbone, tmp_path / "short", "--max-steps", "2", "--stages", "1"))
+    continued = ["--output-dir", str(tmp_path / "long"), "--init-from", str(first), "--segment-size", str(2 * SEGMENT),
+                 "--num-mem-tokens", "4", "--batch-size", "4", "--eval-size", "4", "--eval-steps", "1",
+                 "--max-steps", "1", "--stages", "2", "--lr", "0", "--weight-decay", "0", "--no-progress"]  # fmt: skip
+    second = train_main(continued)
+    weights, start = load_file(second / "model.safetensors"), load_file(first / "model.safetensors")
+    assert weights.keys() == start.keys() and all(torch.equal(weights[k], start[k]) for k in weights)  # lr 0
+    assert json.loads((second / "config.json").read_text())["segment_size"] == 2 * SEGMENT
+
+    results = evaluate_main([str(second), "--results", str(tmp_path / "results.json"), "--segments", "1",
+                             "--samples", "2", "--tasks", "memorize", "--run", str(second)])  # fmt: skip
+    training = results["training"]
+    assert "--init-from runs/short/final" in training["command"] and "--backbone" not in training["command"]
+    assert training["initialised_from"]["name"] == "short" and training["initialised_from"]["steps"] == 2
+    assert "--backbone" in training["initialised_from"]["command"]
+    assert results["base_model"] == str(tiny_backbone)  # the first run's backbone
+    card = render_card(results)
+    assert "First, the run `short`" in card and card.index("runs/short") < card.index("--init-from runs/short")
+
+    def refused(*changed: str) -> str:
+        with pytest.raises(SystemExit) as error:
+            train_main([*continued[:-1], "--output-dir", str(tmp_path / "refused"), *changed])
+        return str(error.value)
+
+    assert "pass --memory-type rmt" in refused("--memory-type", "armt")
+    assert "pass --num-mem-tokens 4" in refused("--num-mem-tokens", "6")
+    assert "trains an RMTForCausalLM" in refused("--head", "causal-lm")
+    assert "leave out --backbone" in refused("--backbone", str(tiny_backbone))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_wilson_interval_covers_the_measured_accuracy():
     from modeling_rmt.training.evaluate_lengths import wilson_interval
 

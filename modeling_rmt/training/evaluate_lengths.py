@@ -87,8 +87,31 @@ def render_flag(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def run_name(folder: Path) -> str:
+    """A run's name: NAME for `runs/NAME/final`, else the folder's name."""
+    return folder.parent.name if folder.name == "final" else folder.name
+
+
+def training_command(settings: dict, name: str) -> str:
+    """The `train` command line of a run, from its `training_args.json`, with the flags that shape the model."""
+    shown = ["head", "backbone", "init_from", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size",
+             "grad_accum", "segment_size", "num_mem_tokens", "memory_type", "bf16"]  # fmt: skip
+    if settings.get("head") == "causal-lm" and not settings.get("backbone") and not settings.get("init_from"):
+        shown.append("decoder_preset")  # a decoder from scratch
+    values = {key: settings.get(key) for key in shown}
+    if values["backbone"] and Path(values["backbone"]) == minilm_path():
+        values["backbone"] = "minilm"
+    if values["init_from"]:
+        source = Path(values["init_from"])
+        values["init_from"] = f"runs/{run_name(source)}/final" if source.name == "final" else source.name
+    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
+             for key, value in values.items() if value not in (None, False)]  # fmt: skip
+    return f"python -m modeling_rmt.training.train --output-dir runs/{name} {' '.join(flags)}"
+
+
 def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
-    """The card fields of a results JSON from a training run's `final/` folder (written by `train.py`)."""
+    """The card fields of a results JSON from a training run's `final/` folder (written by `train.py`);
+    a run started `--init-from` another run's `final/` describes that one too (`initialised_from`)."""
     settings = json.loads((final / "training_args.json").read_text())
     curriculum = json.loads((final / "curriculum.json").read_text())
     history = json.loads((final / "log_history.json").read_text())
@@ -96,15 +119,22 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
     clock = json.loads((final / "run_time.json").read_text()) if (final / "run_time.json").is_file() else None
     runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
     steps = max((entry.get("step", 0) for entry in history), default=0)
-    shown = ("head", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size", "grad_accum", "segment_size",
-             "num_mem_tokens", "memory_type", "decoder_preset", "bf16")  # fmt: skip
-    flags = " ".join(f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
-                     for key, value in settings.items() if key in shown and value not in (None, False))  # fmt: skip
+    prior, previous = {}, None
+    if settings.get("init_from"):
+        source = Path(settings["init_from"])
+        if (source / "training_args.json").is_file():
+            prior = describe_run(source, run_name(source), repo_id, hardware)
+            previous = {"name": prior["name"], **prior["training"]}
+        else:
+            previous = {"name": source.name}  # an exported checkpoint: its recipe is in its own card
     model_class = config["architectures"][0]
     backbone = settings.get("backbone")
     base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
     described = {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")}
-    if settings.get("head") == "causal-lm" and backbone is None:
+    if previous is not None:
+        base_model = prior.get("base_model")
+        described |= {"backbone": prior["config"]["backbone"]} if "backbone" in prior.get("config", {}) else {}
+    elif settings.get("head") == "causal-lm" and backbone is None:
         base_model, text = None, config["text_config"]
         described["backbone"] = (
             f"a {text['model_type'].capitalize()} decoder trained from scratch ({text['num_hidden_layers']} layers, "
@@ -120,9 +150,10 @@ def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
             "batch_size": settings["batch_size"] * settings.get("world_size", 1) * settings["grad_accum"],
             "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
                                                   if clock and clock["untimed_steps"] else {}),
-            "command": f"python -m modeling_rmt.training.train --output-dir runs/{name} {flags}",
+            "command": training_command(settings, name),
             "curriculum_history": curriculum["history"],
             **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
+            **({"initialised_from": previous} if previous else {}),
         },
         "limitations": [
             "Trained and evaluated on synthetic memory tasks only: bAbI-style facts hidden in public-domain "

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
@@ -52,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head", choices=["classification", "causal-lm"], default="classification")
     parser.add_argument("--backbone", default=None, help="folder or id, or `minilm` for the shipped "
                         "all-MiniLM-L6-v2 (classification default; causal-lm: a Llama from scratch)")  # fmt: skip
-    parser.add_argument("--decoder-preset", default="llama-tiny", help="causal-lm without --backbone: a Llama "
-                        "from scratch of this size (modeling_rmt.training.decoder.DECODER_PRESETS)")  # fmt: skip
+    parser.add_argument("--decoder-preset", default=None, help="causal-lm without --backbone: a Llama "
+                        "from scratch of this size (default llama-tiny; see decoder.DECODER_PRESETS)")  # fmt: skip
+    parser.add_argument("--init-from", default=None, help="an RMT model folder (a run's final/ or an exported "
+                        "checkpoint) whose weights this new run starts from, e.g. to train on longer documents; "
+                        "instead of --backbone")  # fmt: skip
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the backbone's or MiniLM's)")
     parser.add_argument("--tasks", nargs="+", default=None, help="default: memorize detect_memorize; qa1 (causal-lm)")
     parser.add_argument("--noise", default="shakespeare", help="noise corpus for training and validation")
@@ -130,13 +134,34 @@ class RunClock(TrainerCallback):
         return control
 
 
+def model_to_continue(args: argparse.Namespace) -> RMTForSequenceClassification | RMTForCausalLM:
+    """The RMT model of `--init-from`, in float32, with this run's segment size; its memory must match."""
+    model_class = RMTForCausalLM if args.head == "causal-lm" else RMTForSequenceClassification
+    config = AutoConfig.from_pretrained(args.init_from)
+    architecture = (getattr(config, "architectures", None) or ["?"])[0]
+    if config.model_type != "rmt" or architecture != model_class.__name__:
+        raise SystemExit(
+            f"--init-from {args.init_from} holds a {config.model_type} {architecture}, but --head {args.head} trains "
+            f"an {model_class.__name__}: give a folder saved from one (or start from a plain model with --backbone)."
+        )
+    differing = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("memory_type", "num_mem_tokens")
+                 if getattr(args, name) != getattr(config, name)]  # fmt: skip
+    if differing:
+        raise SystemExit(f"--init-from {args.init_from} has a different memory: pass {' '.join(differing)}.")
+    if args.dropout is not None:
+        raise SystemExit("--dropout applies when starting from a backbone, not with --init-from.")
+    return model_class.from_pretrained(args.init_from, segment_size=args.segment_size, dtype=torch.float32)
+
+
 def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassification | RMTForCausalLM:
+    if args.init_from:
+        return model_to_continue(args)
     if args.head == "causal-lm":
         if args.dropout is not None:
             raise SystemExit("--dropout applies to encoder backbones; set a decoder's dropout in its config.")
         if args.backbone is None:
-            return build_decoder(args.decoder_preset, tokenizer, args.num_mem_tokens, args.segment_size,
-                                 args.memory_type)  # fmt: skip
+            preset = args.decoder_preset or "llama-tiny"
+            return build_decoder(preset, tokenizer, args.num_mem_tokens, args.segment_size, args.memory_type)
         return RMTForCausalLM.from_backbone(args.backbone, tokenizer=tokenizer, num_mem_tokens=args.num_mem_tokens,
                                             segment_size=args.segment_size, memory_type=args.memory_type)  # fmt: skip
     backbone_kwargs = {}
@@ -152,13 +177,17 @@ def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassifica
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     decoder = args.head == "causal-lm"
-    if args.backbone == "minilm" or (args.backbone is None and not decoder):
+    if args.init_from and (args.backbone or args.decoder_preset):
+        raise SystemExit("--init-from starts from a trained RMT model: leave out --backbone and --decoder-preset.")
+    if args.init_from:
+        args.init_from = str(Path(args.init_from).resolve())
+    elif args.backbone == "minilm" or (args.backbone is None and not decoder):
         args.backbone = str(minilm_path())
     args.tasks = args.tasks or (["qa1"] if decoder else ["memorize", "detect_memorize"])
     check_held_out(args.seed, HELD_OUT_SEED)  # evaluate_lengths' default documents stay unseen
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
-    tokenizer_source = args.tokenizer or args.backbone or str(minilm_path())
+    tokenizer_source = args.tokenizer or args.init_from or args.backbone or str(minilm_path())
     tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
     if decoder:
         tokenizer = prompt_tokenizer(tokenizer)  # documents carry no [CLS] or [SEP]
