@@ -252,9 +252,13 @@ def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_
     first = train_main(run_args(tiny_backbone, tmp_path / "short", "--max-steps", "2", "--stages", "1"))
     continued = ["--output-dir", str(tmp_path / "long"), "--init-from", str(first), "--segment-size", str(2 * SEGMENT),
                  "--num-mem-tokens", "4", "--batch-size", "4", "--eval-size", "4", "--eval-steps", "1",
-                 "--max-steps", "1", "--stages", "2", "--lr", "0", "--weight-decay", "0", "--no-progress"]  # fmt: skip
-    second = train_main(continued)
-    weights, start = load_file(second / "model.safetensors"), load_file(first / "model.safetensors")
+                 "--save-steps", "1", "--stages", "2", "--lr", "0", "--weight-decay", "0", "--no-progress"]  # fmt: skip
+    start = load_file(first / "model.safetensors")
+    stopped = train_main([*continued, "--max-steps", "2", "--stop-at-step", "1"])
+    shutil.rmtree(tmp_path / "short")  # the first run's folder is gone (another machine): resuming needs only ours
+    assert (stopped / "checkpoint-1" / "initialised_from.json").is_file()
+    second = train_main([*continued, "--max-steps", "2"])
+    weights = load_file(second / "model.safetensors")
     assert weights.keys() == start.keys() and all(torch.equal(weights[k], start[k]) for k in weights)  # lr 0
     assert json.loads((second / "config.json").read_text())["segment_size"] == 2 * SEGMENT
 
@@ -270,9 +274,11 @@ def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_
 
     def refused(*changed: str) -> str:
         with pytest.raises(SystemExit) as error:
-            train_main([*continued[:-1], "--output-dir", str(tmp_path / "refused"), *changed])
+            train_main([*continued, "--max-steps", "1", "--output-dir", str(tmp_path / "refused"), *changed])
         return str(error.value)
 
+    first.parent.mkdir(parents=True)
+    shutil.copytree(second, first)  # a saved RMT classifier to be refused by other settings
     assert "pass --memory-type rmt" in refused("--memory-type", "armt")
     assert "pass --num-mem-tokens 4" in refused("--num-mem-tokens", "6")
     assert "trains an RMTForCausalLM" in refused("--head", "causal-lm")

@@ -29,14 +29,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from modeling_rmt.tools.backbones import minilm_path
-
 from .babilong import babilong_correct
 from .decoder import ANSWER_RESERVE, end_token_id, pad_token_id
+from .run_record import describe_run, read_run
 from .tasks import HELD_OUT_SEED, PLACES, TaskSample, TokenizedNoise, check_held_out, make_sample, with_special_tokens
-
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
 
 
 def weights_fingerprint(checkpoint: str | Path) -> str:
@@ -80,91 +76,6 @@ def save_results(path: Path, results: dict) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=2) + "\n")
     temporary.replace(path)  # never leave a half-written results file
-
-
-def render_flag(value) -> str:
-    """A command-line value as typed: lists space-separated."""
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def run_name(folder: Path) -> str:
-    """A run's name: NAME for `runs/NAME/final`, else the folder's name."""
-    return folder.parent.name if folder.name == "final" else folder.name
-
-
-def training_command(settings: dict, name: str) -> str:
-    """The `train` command line of a run, from its `training_args.json`, with the flags that shape the model."""
-    shown = ["head", "backbone", "init_from", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size",
-             "grad_accum", "segment_size", "num_mem_tokens", "memory_type", "bf16"]  # fmt: skip
-    if settings.get("head") == "causal-lm" and not settings.get("backbone") and not settings.get("init_from"):
-        shown.append("decoder_preset")  # a decoder from scratch
-    values = {key: settings.get(key) for key in shown}
-    if values["backbone"] and Path(values["backbone"]) == minilm_path():
-        values["backbone"] = "minilm"
-    if values["init_from"]:
-        source = Path(values["init_from"])
-        values["init_from"] = f"runs/{run_name(source)}/final" if source.name == "final" else source.name
-    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
-             for key, value in values.items() if value not in (None, False)]  # fmt: skip
-    return f"python -m modeling_rmt.training.train --output-dir runs/{name} {' '.join(flags)}"
-
-
-def describe_run(final: Path, name: str, repo_id: str, hardware: str) -> dict:
-    """The card fields of a results JSON from a training run's `final/` folder (written by `train.py`);
-    a run started `--init-from` another run's `final/` describes that one too (`initialised_from`)."""
-    settings = json.loads((final / "training_args.json").read_text())
-    curriculum = json.loads((final / "curriculum.json").read_text())
-    history = json.loads((final / "log_history.json").read_text())
-    config = json.loads((final / "config.json").read_text())
-    clock = json.loads((final / "run_time.json").read_text()) if (final / "run_time.json").is_file() else None
-    runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
-    steps = max((entry.get("step", 0) for entry in history), default=0)
-    prior, previous = {}, None
-    if settings.get("init_from"):
-        source = Path(settings["init_from"])
-        if (source / "training_args.json").is_file():
-            prior = describe_run(source, run_name(source), repo_id, hardware)
-            previous = {"name": prior["name"], **prior["training"]}
-        else:
-            previous = {"name": source.name}  # an exported checkpoint: its recipe is in its own card
-    model_class = config["architectures"][0]
-    backbone = settings.get("backbone")
-    base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
-    described = {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")}
-    if previous is not None:
-        base_model = prior.get("base_model")
-        described |= {"backbone": prior["config"]["backbone"]} if "backbone" in prior.get("config", {}) else {}
-    elif settings.get("head") == "causal-lm" and backbone is None:
-        base_model, text = None, config["text_config"]
-        described["backbone"] = (
-            f"a {text['model_type'].capitalize()} decoder trained from scratch ({text['num_hidden_layers']} layers, "
-            f"hidden size {text['hidden_size']}, a vocabulary of {text['vocab_size']:,} tokens)"
-        )
-    return {
-        "name": name, "repo_id": repo_id, "model_class": model_class,
-        "pipeline_tag": PIPELINE_TAGS[model_class], **({"base_model": base_model} if base_model else {}),
-        "license": "apache-2.0", "datasets": [], "plot": f"{name}_accuracy.png", "config": described,
-        "training": {
-            "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
-            "stages": curriculum["stages"], "steps": steps, "learning_rate": settings["lr"], "hardware": hardware,
-            "batch_size": settings["batch_size"] * settings.get("world_size", 1) * settings["grad_accum"],
-            "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
-                                                  if clock and clock["untimed_steps"] else {}),
-            "command": training_command(settings, name),
-            "curriculum_history": curriculum["history"],
-            **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
-            **({"initialised_from": previous} if previous else {}),
-        },
-        "limitations": [
-            "Trained and evaluated on synthetic memory tasks only: bAbI-style facts hidden in public-domain "
-            "literary text. It is not a general question-answering or retrieval model.",
-            "The answer is one of six places (office, bathroom, garden, hallway, kitchen, bedroom) for questions "
-            "like 'Where is Mary?' about the people of the bAbI templates (Mary, John, Daniel, Sandra).",
-            "Accuracy at the longest lengths is measured on few documents (see n and the 95% intervals).",
-        ]
-        + (["A decoder trained only to answer these questions: it is not a language model of general text."]
-           if settings.get("head") == "causal-lm" else []),
-    }  # fmt: skip
 
 
 def is_decoder(model) -> bool:
@@ -245,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = load_results(args.results)
     if args.run and "name" not in results:
         name = args.name or args.run.resolve().parent.name
-        results = {**describe_run(args.run, name, args.repo_id or f"ORG/{name}", args.hardware), **results}
+        results = {**describe_run(read_run(args.run), name, args.repo_id or f"ORG/{name}", args.hardware), **results}
     check_same_run(results, {"weights_sha256": weights_fingerprint(args.checkpoint), "seed": args.seed,
                              "noise": args.noise})  # fmt: skip
     cells = results.setdefault("evaluation", [])

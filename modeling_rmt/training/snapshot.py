@@ -30,7 +30,14 @@ from transformers.trainer_utils import get_last_checkpoint
 SNAPSHOT_FILE = "snapshot.json"
 REWARM_FILE = "rewarm.json"
 COMPLETE = ("model.safetensors", "trainer_state.json", "curriculum.json")  # what a resumable checkpoint holds
-STATE_FILES = ("config.json", "generation_config.json", "trainer_state.json", "curriculum.json", "run_time.json")
+STATE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "trainer_state.json",
+    "curriculum.json",
+    "run_time.json",
+    "initialised_from.json",
+)  # the last: a run started --init-from another (run_record.LINEAGE_FILE)
 WEIGHTS = "model.safetensors"
 
 

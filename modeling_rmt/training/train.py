@@ -9,6 +9,7 @@ Each run writes Trainer checkpoints (`checkpoint-N/`, with `curriculum.json`) ev
 steps; started again with the same `--output-dir` it continues from the newest one: same weights,
 optimizer, schedule, data position and curriculum stage. The final model, its code and tokenizer are
 saved to `OUTPUT_DIR/final`; once it exists the run is finished and a rerun refuses to touch it.
+`--init-from RUN/final` starts a new run from a trained RMT's weights (e.g. on longer documents).
 A run can also continue from a compact snapshot (`modeling_rmt.training.snapshot`), e.g. one committed
 to carry a long CPU run across machines.
 """
@@ -39,6 +40,7 @@ from modeling_rmt.tools.backbones import minilm_path
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id, prompt_tokenizer
+from .run_record import LINEAGE_FILE, read_run
 from .snapshot import Rewarm, last_complete_checkpoint
 from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
@@ -134,10 +136,13 @@ class RunClock(TrainerCallback):
         return control
 
 
-def model_to_continue(args: argparse.Namespace) -> RMTForSequenceClassification | RMTForCausalLM:
-    """The RMT model of `--init-from`, in float32, with this run's segment size; its memory must match."""
+def model_to_continue(args: argparse.Namespace, source: str | Path) -> RMTForSequenceClassification | RMTForCausalLM:
+    """The RMT model of `--init-from` (or of the checkpoint `source` of a resumed run started so), in float32,
+    with this run's segment size; its memory must match."""
     model_class = RMTForCausalLM if args.head == "causal-lm" else RMTForSequenceClassification
-    config = AutoConfig.from_pretrained(args.init_from)
+    if not Path(source).is_dir():
+        raise SystemExit(f"--init-from {source}: no such folder; give a run's final/ folder or a saved RMT model.")
+    config = AutoConfig.from_pretrained(source)
     architecture = (getattr(config, "architectures", None) or ["?"])[0]
     if config.model_type != "rmt" or architecture != model_class.__name__:
         raise SystemExit(
@@ -150,12 +155,40 @@ def model_to_continue(args: argparse.Namespace) -> RMTForSequenceClassification 
         raise SystemExit(f"--init-from {args.init_from} has a different memory: pass {' '.join(differing)}.")
     if args.dropout is not None:
         raise SystemExit("--dropout applies when starting from a backbone, not with --init-from.")
-    return model_class.from_pretrained(args.init_from, segment_size=args.segment_size, dtype=torch.float32)
+    return model_class.from_pretrained(source, segment_size=args.segment_size, dtype=torch.float32)
 
 
-def build_model(args: argparse.Namespace, tokenizer) -> RMTForSequenceClassification | RMTForCausalLM:
+class Lineage(TrainerCallback):
+    """The record (`run_record.read_run`) of the run this one started from with `--init-from`, kept in every
+    checkpoint and in `final/` as `initialised_from.json`: the card shows both recipes even where the first
+    run's folder is gone (a run resumed on another machine from a snapshot)."""
+
+    def __init__(self, record: dict) -> None:
+        self.record = record
+
+    @classmethod
+    def for_run(cls, init_from: str | None, last: Path | None) -> Lineage | None:
+        if not init_from:
+            return None
+        if last and (last / LINEAGE_FILE).is_file():
+            return cls(json.loads((last / LINEAGE_FILE).read_text()))
+        return cls(read_run(init_from))
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / LINEAGE_FILE).write_text(json.dumps(self.record))
+
+    def on_save(self, args: TrainingArguments, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.save(folder)
+        return control
+
+
+def build_model(
+    args: argparse.Namespace, tokenizer, last: Path | None = None
+) -> RMTForSequenceClassification | RMTForCausalLM:
     if args.init_from:
-        return model_to_continue(args)
+        return model_to_continue(args, last or args.init_from)  # resuming: the checkpoint's weights follow anyway
     if args.head == "causal-lm":
         if args.dropout is not None:
             raise SystemExit("--dropout applies to encoder backbones; set a decoder's dropout in its config.")
@@ -187,10 +220,6 @@ def main(argv: list[str] | None = None) -> Path:
     check_held_out(args.seed, HELD_OUT_SEED)  # evaluate_lengths' default documents stay unseen
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
-    tokenizer_source = args.tokenizer or args.init_from or args.backbone or str(minilm_path())
-    tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
-    if decoder:
-        tokenizer = prompt_tokenizer(tokenizer)  # documents carry no [CLS] or [SEP]
     if (output_dir / "final").exists():
         raise SystemExit(
             f"{output_dir / 'final'} exists: this run has finished. Use a new --output-dir (or move that "
@@ -204,6 +233,12 @@ def main(argv: list[str] | None = None) -> Path:
             "curriculum.json): they were written by other code, or the first save was interrupted. Train into a new "
             "--output-dir, or move those checkpoint folders away."
         )
+    continued_from = (str(last) if last else args.init_from) if args.init_from else None
+    tokenizer_source = args.tokenizer or continued_from or args.backbone or str(minilm_path())
+    tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
+    if decoder:
+        tokenizer = prompt_tokenizer(tokenizer)  # documents carry no [CLS] or [SEP]
+    lineage = Lineage.for_run(args.init_from, last)
     if last:
         saved = Curriculum.load(last)
         settings = ("stages", "advance_at", "patience", "every_steps")
@@ -231,13 +266,14 @@ def main(argv: list[str] | None = None) -> Path:
     clock = RunClock(last, "bfloat16 mixed precision" if args.bf16 else "float32")
     rewarm = Rewarm.for_checkpoint(last, args.warmup_steps)
     trainer = Trainer(
-        model=build_model(args, tokenizer), args=training_args, train_dataset=train_data, eval_dataset=validation,
+        model=build_model(args, tokenizer, last), args=training_args, train_dataset=train_data, eval_dataset=validation,
         data_collator=DecoderCollator(pad_token_id(tokenizer)) if decoder else DataCollatorWithPadding(tokenizer),
         compute_metrics=answer_accuracy if decoder else accuracy, processing_class=tokenizer,
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
         callbacks=[CurriculumCallback(curriculum), clock]
         + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else [])
-        + ([rewarm] if rewarm else []),
+        + ([rewarm] if rewarm else [])
+        + ([lineage] if lineage else []),
     )  # fmt: skip
     if last:
         kind = f" (learning rate warming up again from step {rewarm.resumed_at})" if rewarm else ""
@@ -252,6 +288,8 @@ def main(argv: list[str] | None = None) -> Path:
         tokenizer.save_pretrained(final)
         curriculum.save(final)
         clock.save(final)
+        if lineage:
+            lineage.save(final)
         (final / "training_args.json").write_text(
             json.dumps({**vars(args), "world_size": trainer.args.world_size}, indent=2)
         )

@@ -1,0 +1,115 @@
+"""What a finished training run records about itself, and the model-card fields made from it.
+
+A run's `final/` folder holds `training_args.json`, `curriculum.json`, `log_history.json`, `config.json`
+and `run_time.json` (`train.py` writes them). `read_run` gathers them into one record; `describe_run`
+turns a record into the name, config, recipe and limitations of a results JSON for `model_cards`.
+A run started `--init-from` another run's `final/` copies that run's record into its own folder as
+`initialised_from.json` (in every checkpoint, snapshot and its `final/`), so the card can show both
+recipes even where the first run's folder is gone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from modeling_rmt.tools.backbones import minilm_path
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
+LINEAGE_FILE = "initialised_from.json"
+RUN_FILES = {"settings": "training_args.json", "curriculum": "curriculum.json", "history": "log_history.json",
+             "config": "config.json", "clock": "run_time.json", "lineage": LINEAGE_FILE}  # fmt: skip
+
+
+def run_name(folder: Path) -> str:
+    """A run's name: NAME for `runs/NAME/final`, else the folder's name."""
+    return folder.parent.name if folder.name == "final" else folder.name
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """The record of the run whose `final/` (or model) folder this is: its name and, for a run's
+    `final/`, the contents of its `RUN_FILES` (absent files are left out)."""
+    folder = Path(folder).resolve()
+    record: dict[str, Any] = {"name": run_name(folder)}
+    for key, file in RUN_FILES.items():
+        if (folder / file).is_file():
+            record[key] = json.loads((folder / file).read_text())
+    return record
+
+
+def render_flag(value: Any) -> str:
+    """A command-line value as typed: lists space-separated."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def training_command(settings: dict[str, Any], name: str, init_from: str | None) -> str:
+    """The `train` command line of a run, from its `training_args.json`, with the flags that shape the model."""
+    shown = ["head", "backbone", "init_from", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size",
+             "grad_accum", "segment_size", "num_mem_tokens", "memory_type", "bf16"]  # fmt: skip
+    if settings.get("head") == "causal-lm" and not settings.get("backbone") and not settings.get("init_from"):
+        shown.append("decoder_preset")  # a decoder from scratch
+    values = {key: settings.get(key) for key in shown} | {"init_from": init_from}
+    if values["backbone"] and Path(values["backbone"]) == minilm_path():
+        values["backbone"] = "minilm"
+    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
+             for key, value in values.items() if value not in (None, False)]  # fmt: skip
+    return f"python -m modeling_rmt.training.train --output-dir runs/{name} {' '.join(flags)}"
+
+
+def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str) -> dict[str, Any]:
+    """The card fields of a results JSON from a run's record (`read_run`); a run started `--init-from`
+    another run describes that one too, as `training.initialised_from`."""
+    settings, curriculum, config = record["settings"], record["curriculum"], record["config"]
+    history, clock = record.get("history", []), record.get("clock")
+    runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
+    steps = max((entry.get("step", 0) for entry in history), default=0)
+    lineage = record.get("lineage")
+    prior, previous = {}, None
+    if lineage is not None and "settings" in lineage:
+        prior = describe_run(lineage, lineage["name"], repo_id, hardware)
+        previous = {"name": lineage["name"], **prior["training"]}
+    elif lineage is not None:
+        previous = {"name": lineage["name"]}  # an exported checkpoint: its recipe is in its own card
+    init_from = None
+    if lineage is not None:
+        init_from = f"runs/{lineage['name']}/final" if "settings" in lineage else lineage["name"]
+    model_class = config["architectures"][0]
+    backbone = settings.get("backbone")
+    base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
+    described = {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")}
+    if lineage is not None:
+        base_model = prior.get("base_model")
+        described |= {"backbone": prior["config"]["backbone"]} if "backbone" in prior.get("config", {}) else {}
+    elif settings.get("head") == "causal-lm" and backbone is None:
+        base_model, text = None, config["text_config"]
+        described["backbone"] = (
+            f"a {text['model_type'].capitalize()} decoder trained from scratch ({text['num_hidden_layers']} layers, "
+            f"hidden size {text['hidden_size']}, a vocabulary of {text['vocab_size']:,} tokens)"
+        )
+    return {
+        "name": name, "repo_id": repo_id, "model_class": model_class,
+        "pipeline_tag": PIPELINE_TAGS[model_class], **({"base_model": base_model} if base_model else {}),
+        "license": "apache-2.0", "datasets": [], "plot": f"{name}_accuracy.png", "config": described,
+        "training": {
+            "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
+            "stages": curriculum["stages"], "steps": steps, "learning_rate": settings["lr"], "hardware": hardware,
+            "batch_size": settings["batch_size"] * settings.get("world_size", 1) * settings["grad_accum"],
+            "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
+                                                  if clock and clock["untimed_steps"] else {}),
+            "command": training_command(settings, name, init_from),
+            "curriculum_history": curriculum["history"],
+            **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
+            **({"initialised_from": previous} if previous else {}),
+        },
+        "limitations": [
+            "Trained and evaluated on synthetic memory tasks only: bAbI-style facts hidden in public-domain "
+            "literary text. It is not a general question-answering or retrieval model.",
+            "The answer is one of six places (office, bathroom, garden, hallway, kitchen, bedroom) for questions "
+            "like 'Where is Mary?' about the people of the bAbI templates (Mary, John, Daniel, Sandra).",
+            "Accuracy at the longest lengths is measured on few documents (see n and the 95% intervals).",
+        ]
+        + (["A decoder trained only to answer these questions: it is not a language model of general text."]
+           if settings.get("head") == "causal-lm" else []),
+    }  # fmt: skip
