@@ -269,6 +269,20 @@ def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_
     assert training["initialised_from"]["name"] == "short" and training["initialised_from"]["steps"] == 2
     assert "--backbone" in training["initialised_from"]["command"]
     assert results["base_model"] == str(tiny_backbone)  # the first run's backbone
+    assert training["curriculum_history"][-1] | {"best": None, "reason": None} == {
+        "step": 2,
+        "segments": 2,
+        "best": None,
+        "reason": None,
+    }  # the last stage ends the history
+
+    from modeling_rmt.training.run_record import last_stage
+
+    done = {"stages": [1, 5], "stage": 1, "best": 0.95, "advance_at": 0.95}
+    assert last_stage(done, 3900) == [{"step": 3900, "segments": 5, "best": 0.95,
+                                       "reason": "reached 0.9500: the curriculum is done"}]  # fmt: skip
+    assert last_stage(done | {"best": 0.9}, 5000)[0]["reason"] == "the run's last step"
+    assert last_stage(done | {"best": -math.inf}, 5000) == []  # no validation in that stage
     card = render_card(results)
     assert "First, the run `short`" in card and card.index("runs/short") < card.index("--init-from runs/short")
 

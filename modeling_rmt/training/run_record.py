@@ -11,6 +11,7 @@ recipes even where the first run's folder is gone.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,18 @@ def training_command(settings: dict[str, Any], name: str, init_from: str | None)
         values["backbone"] = "minilm"
     flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
              for key, value in values.items() if value not in (None, False)]  # fmt: skip
-    return f"python -m modeling_rmt.training.train --output-dir runs/{name} {' '.join(flags)}"
+    run = Path(settings["output_dir"]).name if settings.get("output_dir") else name
+    return f"python -m modeling_rmt.training.train --output-dir runs/{run} {' '.join(flags)}"
+
+
+def last_stage(curriculum: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    """The curriculum's last stage as a history row (the history lists the stages that moved on)."""
+    best = curriculum.get("best")
+    if best is None or not math.isfinite(best):
+        return []
+    reached = curriculum["stage"] == len(curriculum["stages"]) - 1 and best >= curriculum["advance_at"]
+    reason = f"reached {best:.4f}: the curriculum is done" if reached else "the run's last step"
+    return [{"step": steps, "segments": curriculum["stages"][curriculum["stage"]], "best": best, "reason": reason}]
 
 
 def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str) -> dict[str, Any]:
@@ -99,7 +111,7 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
             "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
                                                   if clock and clock["untimed_steps"] else {}),
             "command": training_command(settings, name, init_from),
-            "curriculum_history": curriculum["history"],
+            "curriculum_history": curriculum["history"] + last_stage(curriculum, steps),
             **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
             **({"initialised_from": previous} if previous else {}),
         },
