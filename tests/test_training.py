@@ -248,6 +248,7 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
 def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_backbone, tmp_path):
     from model_cards.generate import render_card
     from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+    from modeling_rmt.training.snapshot import restore_snapshot, save_snapshot
 
     first = train_main(run_args(tiny_backbone, tmp_path / "short", "--max-steps", "2", "--stages", "1"))
     continued = ["--output-dir", str(tmp_path / "long"), "--init-from", str(first), "--segment-size", str(2 * SEGMENT),
@@ -255,11 +256,16 @@ def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_
                  "--save-steps", "1", "--stages", "2", "--lr", "0", "--weight-decay", "0", "--no-progress"]  # fmt: skip
     start = load_file(first / "model.safetensors")
     stopped = train_main([*continued, "--max-steps", "2", "--stop-at-step", "1"])
-    shutil.rmtree(tmp_path / "short")  # the first run's folder is gone (another machine): resuming needs only ours
     assert (stopped / "checkpoint-1" / "initialised_from.json").is_file()
+    # carried to another machine as a snapshot, where the first run's folder is gone
+    save_snapshot(stopped, tmp_path / "snapshot")
+    shutil.rmtree(tmp_path / "short")
+    shutil.rmtree(stopped)
+    restore_snapshot(tmp_path / "snapshot", stopped)
     second = train_main([*continued, "--max-steps", "2"])
     weights = load_file(second / "model.safetensors")
-    assert weights.keys() == start.keys() and all(torch.equal(weights[k], start[k]) for k in weights)  # lr 0
+    assert weights.keys() == start.keys()  # lr 0: the first run's weights (through a float16 snapshot)
+    assert all(torch.equal(weights[k], start[k].half().float()) for k in weights)
     assert json.loads((second / "config.json").read_text())["segment_size"] == 2 * SEGMENT
 
     results = evaluate_main([str(second), "--results", str(tmp_path / "results.json"), "--segments", "1",

@@ -36,8 +36,10 @@ STATE_FILES = (
     "trainer_state.json",
     "curriculum.json",
     "run_time.json",
-    "initialised_from.json",
-)  # the last: a run started --init-from another (run_record.LINEAGE_FILE)
+    "initialised_from.json",  # a run started --init-from another (run_record.LINEAGE_FILE)
+    "tokenizer.json",  # the tokenizer: what a run started --init-from resumes with
+    "tokenizer_config.json",
+)
 WEIGHTS = "model.safetensors"
 
 

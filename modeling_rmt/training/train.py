@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> Path:
             "curriculum.json): they were written by other code, or the first save was interrupted. Train into a new "
             "--output-dir, or move those checkpoint folders away."
         )
-    continued_from = (str(last) if last else args.init_from) if args.init_from else None
+    resumed_tokenizer = last is not None and (last / "tokenizer_config.json").is_file()
+    continued_from = (str(last) if resumed_tokenizer else args.init_from) if args.init_from else None
     tokenizer_source = args.tokenizer or continued_from or args.backbone or str(minilm_path())
     tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
     if decoder:
