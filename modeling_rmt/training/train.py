@@ -100,7 +100,25 @@ class StopAtStep(TrainerCallback):
         return control
 
 
-class RunClock(TrainerCallback):
+class CheckpointRecord(TrainerCallback):
+    """A JSON file (`FILE`, from `record()`) written into every checkpoint, and into `final/` by `save`."""
+
+    FILE = ""
+
+    def record(self) -> dict:
+        raise NotImplementedError
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / self.FILE).write_text(json.dumps(self.record()))
+
+    def on_save(self, args: TrainingArguments, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.save(folder)
+        return control
+
+
+class RunClock(CheckpointRecord):
     """Wall-clock time and precision of a run over all its resumed parts, kept in each checkpoint as
     `run_time.json`: `seconds` up to that step; `untimed_steps`, the steps done before a resumed part whose
     checkpoint had no clock (a run started by older code); `precision`, the parts as `{from_step, dtype}`."""
@@ -115,25 +133,16 @@ class RunClock(TrainerCallback):
             self.seconds, self.untimed_steps = float(record["seconds"]), int(record["untimed_steps"])
         else:
             self.seconds, self.untimed_steps = 0.0, resumed_step
-        self.precision = list((record or {}).get("precision") or [{"from_step": 1, "dtype": "unrecorded"}])
-        if not resumed_from:
-            self.precision = [{"from_step": 1, "dtype": dtype}]
-        elif self.precision[-1]["dtype"] != dtype:
-            self.precision.append({"from_step": resumed_step + 1, "dtype": dtype})
+        self.precision = [{"from_step": 1, "dtype": dtype}]
+        if resumed_from:  # the parts so far (unrecorded by older code), then this one where it differs
+            self.precision = list((record or {}).get("precision") or [{"from_step": 1, "dtype": "unrecorded"}])
+            if self.precision[-1]["dtype"] != dtype:
+                self.precision.append({"from_step": resumed_step + 1, "dtype": dtype})
         self.started = time.perf_counter()
 
     def record(self) -> dict:
         return {"seconds": round(self.seconds + time.perf_counter() - self.started, 1),
                 "untimed_steps": self.untimed_steps, "precision": self.precision}  # fmt: skip
-
-    def save(self, folder: str | Path) -> None:
-        (Path(folder) / self.FILE).write_text(json.dumps(self.record()))
-
-    def on_save(self, args: TrainingArguments, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            self.save(folder)
-        return control
 
 
 def model_to_continue(args: argparse.Namespace, source: str | Path) -> RMTForSequenceClassification | RMTForCausalLM:
@@ -158,13 +167,18 @@ def model_to_continue(args: argparse.Namespace, source: str | Path) -> RMTForSeq
     return model_class.from_pretrained(source, segment_size=args.segment_size, dtype=torch.float32)
 
 
-class Lineage(TrainerCallback):
+class Lineage(CheckpointRecord):
     """The record (`run_record.read_run`) of the run this one started from with `--init-from`, kept in every
     checkpoint and in `final/` as `initialised_from.json`: the card shows both recipes even where the first
     run's folder is gone (a run resumed on another machine from a snapshot)."""
 
-    def __init__(self, record: dict) -> None:
-        self.record = record
+    FILE = LINEAGE_FILE
+
+    def __init__(self, first_run: dict) -> None:
+        self.first_run = first_run
+
+    def record(self) -> dict:
+        return self.first_run
 
     @classmethod
     def for_run(cls, init_from: str | None, last: Path | None) -> Lineage | None:
@@ -173,15 +187,6 @@ class Lineage(TrainerCallback):
         if last and (last / LINEAGE_FILE).is_file():
             return cls(json.loads((last / LINEAGE_FILE).read_text()))
         return cls(read_run(init_from))
-
-    def save(self, folder: str | Path) -> None:
-        (Path(folder) / LINEAGE_FILE).write_text(json.dumps(self.record))
-
-    def on_save(self, args: TrainingArguments, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            self.save(folder)
-        return control
 
 
 def build_model(
