@@ -78,15 +78,12 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
     runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
     steps = max((entry.get("step", 0) for entry in history), default=0)
     lineage = record.get("lineage")
-    prior, previous = {}, None
-    if lineage is not None and "settings" in lineage:
+    prior, previous, init_from = {}, None, None
+    if lineage is not None and "settings" in lineage:  # a run's final/ folder
         prior = describe_run(lineage, lineage["name"], repo_id, hardware)
-        previous = {"name": lineage["name"], **prior["training"]}
-    elif lineage is not None:
-        previous = {"name": lineage["name"]}  # an exported checkpoint: its recipe is in its own card
-    init_from = None
-    if lineage is not None:
-        init_from = f"runs/{lineage['name']}/final" if "settings" in lineage else lineage["name"]
+        previous, init_from = {"name": lineage["name"], **prior["training"]}, f"runs/{lineage['name']}/final"
+    elif lineage is not None:  # an exported checkpoint: its recipe is in its own card
+        previous, init_from = {"name": lineage["name"]}, lineage["name"]
     model_class = config["architectures"][0]
     backbone = settings.get("backbone")
     base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
