@@ -40,6 +40,7 @@ from conversion.from_backbone import long_document_tokenizer, make_like_a_new_fo
 HUB_FILES: tuple[str, ...] = (
     "configuration_rmt.py",
     "modeling_rmt.py",
+    "pretrained.py",
     "outputs.py",
     "memory.py",
     "segmenting.py",

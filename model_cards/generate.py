@@ -41,6 +41,7 @@ OPTIONAL: dict[str, dict[str, Any]] = {
         "hours_from_step": int,
         "curriculum_history": list,
         "precision": list,
+        "learning_rate_parts": list,
         "initialised_from": dict,
     },
 }
@@ -235,13 +236,18 @@ def _usage(results: dict[str, Any]) -> str:
     )
 
 
-def describe_precision(parts: list[dict[str, Any]], steps: int) -> str:
-    """`float32` for one part; `float32 (steps 1-2,800), bfloat16 ... (steps 2,801-5,000)` for several."""
+def describe_parts(parts: list[dict[str, Any]], key: str, steps: int) -> str:
+    """A setting over a run's resumed parts: `float32` for one part; `float32 (steps 1-2,800), bfloat16 mixed
+    precision (steps 2,801-5,000)` for several."""
+
+    def shown(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
     if len(parts) == 1:
-        return parts[0]["dtype"]
+        return shown(parts[0][key])
     ends = [part["from_step"] - 1 for part in parts[1:]] + [steps]
     spans = zip(parts, ends, strict=True)
-    return ", ".join(f"{part['dtype']} (steps {part['from_step']:,}-{end:,})" for part, end in spans)
+    return ", ".join(f"{shown(part[key])} (steps {part['from_step']:,}-{end:,})" for part, end in spans)
 
 
 def _training(results: dict[str, Any]) -> str:
@@ -265,15 +271,21 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
         lines.append(f"- Noise text: {training['noise']}.")
     if "stages" in training:
         lines.append(f"- Segment curriculum: {', '.join(map(str, training['stages']))} segments.")
-    steps, batch, rate = training["steps"], training["batch_size"], training["learning_rate"]
-    lines.append(f"- {steps:,} steps, batch size {batch}, learning rate {rate:g}.")
+    steps, batch, rates = training["steps"], training["batch_size"], training.get("learning_rate_parts")
+    rate = describe_parts(rates, "learning_rate", steps) if rates else f"{training['learning_rate']:g}"
+    lines.append(f"- {steps:,} steps, batch size {batch}, learning rate {rate}.")
     time = f", {training['hours']:g} h" if "hours" in training else ""
     if "hours_from_step" in training:
         time += f" (steps {training['hours_from_step']:,} to {steps:,}; the parts before were not timed)"
     lines.append(f"- Hardware: {training['hardware']}{time}.")
     if "precision" in training:
-        lines.append(f"- Precision: {describe_precision(training['precision'], steps)}.")
+        lines.append(f"- Precision: {describe_parts(training['precision'], 'dtype', steps)}.")
     lines += ["", "Command:", "", "```bash", training["command"], "```"]
+    for part in (rates or [])[1:]:
+        lines += [
+            "",
+            f"Resumed from its step-{part['from_step'] - 1:,} checkpoint with `--lr {part['learning_rate']:g}`.",
+        ]
     history = training.get("curriculum_history", [])
     if history:
         lines += ["", "Curriculum history:", "", "| step | segments | best accuracy | reason |", "|---:|---:|---:|---|"]

@@ -16,9 +16,9 @@ from .modeling_rmt import (
     RMTForSequenceClassification,
     RMTModel,
     RMTModelOutput,
-    RMTPreTrainedModel,
     RMTSequenceClassifierOutput,
 )
+from .pretrained import RMTPreTrainedModel
 
 AutoConfig.register(RMTConfig.model_type, RMTConfig, exist_ok=True)
 AutoModel.register(RMTConfig, RMTModel, exist_ok=True)

@@ -108,7 +108,7 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
 
 
 def test_a_run_resumed_in_bf16_records_each_parts_precision_for_its_card(tiny_backbone, tmp_path):
-    from model_cards.generate import describe_precision
+    from model_cards.generate import describe_parts
 
     common = ["--max-steps", "4", "--stages", "1"]
     stopped = train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--stop-at-step", "2"))
@@ -118,13 +118,35 @@ def test_a_run_resumed_in_bf16_records_each_parts_precision_for_its_card(tiny_ba
     final = train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--bf16"))
     parts = json.loads((final / "run_time.json").read_text())["precision"]
     assert parts == [{"from_step": 1, "dtype": "float32"}, {"from_step": 3, "dtype": "bfloat16 mixed precision"}]
-    assert describe_precision(parts, 4) == "float32 (steps 1-2), bfloat16 mixed precision (steps 3-4)"
-    assert describe_precision(parts[:1], 4) == "float32"
+    assert describe_parts(parts, "dtype", 4) == "float32 (steps 1-2), bfloat16 mixed precision (steps 3-4)"
+    assert describe_parts(parts[:1], "dtype", 4) == "float32"
 
 
 def logged_learning_rates(final: Path) -> dict[int, float]:
     history = json.loads((final / "log_history.json").read_text())
     return {entry["step"]: entry["learning_rate"] for entry in history if "learning_rate" in entry}
+
+
+def test_a_run_resumed_with_a_new_learning_rate_goes_on_at_it_and_its_card_says_so(tiny_backbone, tmp_path):
+    from model_cards.generate import render_card
+    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+
+    common = ["--max-steps", "4", "--stages", "1"]
+    train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--stop-at-step", "2"))  # at --lr 1e-3
+    final = train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--lr", "2e-4"))
+    throughout = train_main(run_args(tiny_backbone, tmp_path / "throughout", *common, "--lr", "2e-4"))
+    resumed_rates, rates = logged_learning_rates(final), logged_learning_rates(throughout)
+    assert resumed_rates[1] == pytest.approx(5 * rates[1])  # the first part at 1e-3
+    assert [resumed_rates[step] for step in (3, 4)] == pytest.approx([rates[3], rates[4]])  # the same schedule
+    parts = json.loads((final / "run_time.json").read_text())["learning_rate"]
+    assert parts == [{"from_step": 1, "learning_rate": 1e-3}, {"from_step": 3, "learning_rate": 2e-4}]
+
+    results = evaluate_main([str(final), "--results", str(tmp_path / "results.json"), "--segments", "1",
+                             "--samples", "2", "--tasks", "memorize", "--run", str(final)])  # fmt: skip
+    assert "--lr 0.001" in results["training"]["command"]  # the command that started the run
+    card = render_card(results)
+    assert "learning rate 0.001 (steps 1-2), 0.0002 (steps 3-4)" in card
+    assert "Resumed from its step-2 checkpoint with `--lr 0.0002`" in card
 
 
 def test_a_run_carried_as_a_snapshot_resumes_at_its_step_stage_and_schedule(tiny_backbone, tmp_path):
@@ -398,6 +420,18 @@ def test_a_decoder_trains_on_qa1_from_scratch_and_loads_as_a_causal_lm(tmp_path)
     ]
     card = render_card(validate(results))
     assert "trained from scratch" in card and "base_model" not in card and "huggingface.co/None" not in card
+
+
+def test_a_decoder_on_an_encoder_backbone_saves_generation_that_stops_at_the_answers_end(tiny_backbone, tmp_path):
+    from transformers import GenerationConfig
+
+    final = train_main(["--head", "causal-lm", "--backbone", str(tiny_backbone), "--output-dir", str(tmp_path / "run"),
+                        "--segment-size", "32", "--num-mem-tokens", "4", "--stages", "2", "--max-steps", "1",
+                        "--eval-steps", "1", "--eval-size", "2", "--batch-size", "2", "--no-progress"])  # fmt: skip
+    assert BertConfig.from_pretrained(tiny_backbone).eos_token_id is None  # nothing to inherit from the backbone
+    generation = GenerationConfig.from_pretrained(final)
+    ends = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    assert (ends, generation.pad_token_id) == ([102], 0)  # [SEP] ends every training answer (a list on 5.17)
 
 
 def test_a_prompt_tokenizer_adds_no_special_tokens_and_keeps_that_when_saved(tmp_path):

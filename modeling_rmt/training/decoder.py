@@ -75,6 +75,14 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token_id(tokenizer)
 
 
+def end_answers_at_end_token(model: RMTForCausalLM, tokenizer) -> RMTForCausalLM:
+    """Make `generate()` (and so `pipeline("text-generation")`) stop where training answers stop and pad
+    with the tokenizer's pad token: an encoder backbone's config names no end-of-sequence token."""
+    model.generation_config.eos_token_id = end_token_id(tokenizer)
+    model.generation_config.pad_token_id = pad_token_id(tokenizer)
+    return model
+
+
 def decoder_item(tokenizer, sample: TaskSample) -> dict[str, list[int]]:
     """`input question answer <end>` with labels on the answer and the end token only."""
     answer = tokenizer(" " + sample.target, add_special_tokens=False)["input_ids"] + [end_token_id(tokenizer)]

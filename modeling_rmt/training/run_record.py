@@ -75,6 +75,7 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
     another run describes that one too, as `training.initialised_from`."""
     settings, curriculum, config = record["settings"], record["curriculum"], record["config"]
     history, clock = record.get("history", []), record.get("clock")
+    rates = clock.get("learning_rate", []) if clock else []  # parts at different rates, where resumed so
     runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
     steps = max((entry.get("step", 0) for entry in history), default=0)
     lineage = record.get("lineage")
@@ -107,9 +108,11 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
             "batch_size": settings["batch_size"] * settings.get("world_size", 1) * settings["grad_accum"],
             "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
                                                   if clock and clock["untimed_steps"] else {}),
-            "command": training_command(settings, name, init_from),
+            "command": training_command(settings | {"lr": rates[0]["learning_rate"]} if rates else settings, name,
+                                        init_from),
             "curriculum_history": curriculum["history"] + last_stage(curriculum, steps),
             **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
+            **({"learning_rate_parts": rates} if len(rates) > 1 else {}),
             **({"initialised_from": previous} if previous else {}),
         },
         "limitations": [

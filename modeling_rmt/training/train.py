@@ -39,7 +39,15 @@ from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
-from .decoder import DecoderCollator, answer_accuracy, answer_predictions, build_decoder, pad_token_id, prompt_tokenizer
+from .decoder import (
+    DecoderCollator,
+    answer_accuracy,
+    answer_predictions,
+    build_decoder,
+    end_answers_at_end_token,
+    pad_token_id,
+    prompt_tokenizer,
+)
 from .run_record import LINEAGE_FILE, read_run
 from .snapshot import Rewarm, last_complete_checkpoint
 from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
@@ -119,30 +127,56 @@ class CheckpointRecord(TrainerCallback):
 
 
 class RunClock(CheckpointRecord):
-    """Wall-clock time and precision of a run over all its resumed parts, kept in each checkpoint as
-    `run_time.json`: `seconds` up to that step; `untimed_steps`, the steps done before a resumed part whose
-    checkpoint had no clock (a run started by older code); `precision`, the parts as `{from_step, dtype}`."""
+    """Wall-clock time, precision and learning rate of a run over all its resumed parts, kept in each checkpoint
+    as `run_time.json`: `seconds` up to that step; `untimed_steps`, the steps done before a resumed part whose
+    checkpoint had no clock (a run started by older code); `precision` and `learning_rate`, the parts as
+    `{from_step, dtype}` and `{from_step, learning_rate}`.
+
+    A run resumed with a new `--lr` goes on at that rate: the checkpoint's scheduler would otherwise keep
+    the old one without a word. The schedule's shape (warm-up, decay) stays; Adam's moments are kept."""
 
     FILE = "run_time.json"
 
     def __init__(self, resumed_from: str | None, dtype: str = "float32") -> None:
         saved = Path(resumed_from or "") / self.FILE
-        resumed_step = int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0
+        self.resumed_step = int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0
         record = json.loads(saved.read_text()) if resumed_from and saved.is_file() else None
         if record:
             self.seconds, self.untimed_steps = float(record["seconds"]), int(record["untimed_steps"])
         else:
-            self.seconds, self.untimed_steps = 0.0, resumed_step
+            self.seconds, self.untimed_steps = 0.0, self.resumed_step
         self.precision = [{"from_step": 1, "dtype": dtype}]
         if resumed_from:  # the parts so far (unrecorded by older code), then this one where it differs
             self.precision = list((record or {}).get("precision") or [{"from_step": 1, "dtype": "unrecorded"}])
             if self.precision[-1]["dtype"] != dtype:
-                self.precision.append({"from_step": resumed_step + 1, "dtype": dtype})
+                self.precision.append({"from_step": self.resumed_step + 1, "dtype": dtype})
+        self.learning_rate: list[dict] = list((record or {}).get("learning_rate", []))
         self.started = time.perf_counter()
+
+    def on_train_begin(self, args: TrainingArguments, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+        loaded = float(scheduler.base_lrs[0])  # a resumed checkpoint's rate, else this run's
+        if not self.learning_rate:  # a new run, or one whose checkpoint predates this record
+            self.learning_rate = [{"from_step": 1, "learning_rate": loaded}]
+        if loaded != args.learning_rate:
+            if not hasattr(scheduler, "lr_lambdas"):
+                raise SystemExit(
+                    f"--lr {args.learning_rate:g} differs from the checkpoint's {loaded:g}, and its "
+                    f"{type(scheduler).__name__} cannot change rate: resume with --lr {loaded:g}."
+                )
+            print(f"resuming at learning rate {args.learning_rate:g} (the checkpoint's schedule ran at {loaded:g})")
+            scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
+            for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+                group["initial_lr"], group["lr"] = args.learning_rate, args.learning_rate * schedule(state.global_step)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what the logs report
+        if self.learning_rate[-1]["learning_rate"] != args.learning_rate:
+            self.learning_rate.append({"from_step": self.resumed_step + 1, "learning_rate": args.learning_rate})
+        return control
 
     def record(self) -> dict:
         return {"seconds": round(self.seconds + time.perf_counter() - self.started, 1),
-                "untimed_steps": self.untimed_steps, "precision": self.precision}  # fmt: skip
+                "untimed_steps": self.untimed_steps, "precision": self.precision,
+                "learning_rate": self.learning_rate}  # fmt: skip
 
 
 def model_to_continue(args: argparse.Namespace, source: str | Path) -> RMTForSequenceClassification | RMTForCausalLM:
@@ -271,8 +305,11 @@ def main(argv: list[str] | None = None) -> Path:
     )  # fmt: skip
     clock = RunClock(last, "bfloat16 mixed precision" if args.bf16 else "float32")
     rewarm = Rewarm.for_checkpoint(last, args.warmup_steps)
+    model = build_model(args, tokenizer, last)
+    if decoder:
+        end_answers_at_end_token(model, tokenizer)
     trainer = Trainer(
-        model=build_model(args, tokenizer, last), args=training_args, train_dataset=train_data, eval_dataset=validation,
+        model=model, args=training_args, train_dataset=train_data, eval_dataset=validation,
         data_collator=DecoderCollator(pad_token_id(tokenizer)) if decoder else DataCollatorWithPadding(tokenizer),
         compute_metrics=answer_accuracy if decoder else accuracy, processing_class=tokenizer,
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
