@@ -149,6 +149,20 @@ def test_a_run_resumed_with_a_new_learning_rate_goes_on_at_it_and_its_card_says_
     assert "Resumed from its step-2 checkpoint with `--lr 0.0002`" in card
 
 
+def test_a_run_resumed_with_more_stages_goes_on_to_them_and_other_changes_are_ignored(tiny_backbone, tmp_path):
+    common = ["--max-steps", "4", "--advance-at", "0.0", "--eval-steps", "1"]
+    train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--stages", "1", "2", "--stop-at-step", "2"))
+    assert Curriculum.load(tmp_path / "run" / "checkpoint-2").finished  # at 2 segments, the last stage
+    final = train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--stages", "1", "2", "3"))
+    curriculum = Curriculum.load(final)
+    assert curriculum.stages == [1, 2, 3] and curriculum.num_segments == 3
+    assert [entry["segments"] for entry in curriculum.history] == [1, 2]
+
+    train_main(run_args(tiny_backbone, tmp_path / "other", *common, "--stages", "1", "2", "--stop-at-step", "1"))
+    final = train_main(run_args(tiny_backbone, tmp_path / "other", *common, "--stages", "2", "4"))  # not a sequel
+    assert Curriculum.load(final).stages == [1, 2]
+
+
 def test_a_run_carried_as_a_snapshot_resumes_at_its_step_stage_and_schedule(tiny_backbone, tmp_path):
     from modeling_rmt.training.snapshot import main as snapshot_main
 

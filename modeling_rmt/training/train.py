@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> Path:
     lineage = Lineage.for_run(args.init_from, last)
     if last:
         saved = Curriculum.load(last)
+        longer = curriculum.stages[: len(saved.stages)] == saved.stages and len(curriculum.stages) > len(saved.stages)
+        if longer:  # more stages after the saved ones: train on longer documents once these are done
+            print(f"resuming with the stages extended from {saved.stages} to {curriculum.stages}")
+            saved.stages = list(curriculum.stages)
         settings = ("stages", "advance_at", "patience", "every_steps")
         changed = [name for name in settings if getattr(saved, name) != getattr(curriculum, name)]
         if changed:
