@@ -1,4 +1,4 @@
-"""The committed trained checkpoint `checkpoints/rmt-minilm`: Hub-ready, small, and it answers."""
+"""The committed trained checkpoints are Hub-ready and small; `checkpoints/rmt-minilm` answers."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 from conversion.export import HUB_FILES
 from modeling_rmt.training.tasks import PLACES, TokenizedNoise, make_sample, with_special_tokens
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "rmt-minilm"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+CHECKPOINT = CHECKPOINTS / "rmt-minilm"
 TEST_SEED = 5_000_011  # documents neither training, validation, the length evaluation nor the demo used
+# Every committed checkpoint, with the Auto class its config maps to the remote code.
+COMMITTED = {"rmt-minilm": ("AutoModelForSequenceClassification", "RMTForSequenceClassification")}
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +26,37 @@ def model_and_tokenizer():
     return model.eval(), AutoTokenizer.from_pretrained(CHECKPOINT)
 
 
-def test_the_folder_is_hub_ready_float16_and_under_60_mb():
-    files = {path.name for path in CHECKPOINT.iterdir()}
+def test_every_checkpoint_folder_is_listed_here():
+    assert {folder.name for folder in CHECKPOINTS.iterdir() if folder.is_dir()} == set(COMMITTED)
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_the_folder_is_hub_ready_float16_and_under_60_mb(name):
+    folder = CHECKPOINTS / name
+    files = {path.name for path in folder.iterdir()}
     assert set(HUB_FILES) | {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= files
-    weights = CHECKPOINT / "model.safetensors"
+    weights = folder / "model.safetensors"
     assert weights.stat().st_size < 60 * 2**20
     with safe_open(weights, "pt") as handle:
         assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.float16}
-    config = json.loads((CHECKPOINT / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForSequenceClassification"] == "modeling_rmt.RMTForSequenceClassification"
-    assert [config["id2label"][str(i)] for i in range(6)] == list(PLACES)
-    tokenizer_config = json.loads((CHECKPOINT / "tokenizer_config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    auto_class, model_class = COMMITTED[name]
+    assert config["auto_map"][auto_class] == f"modeling_rmt.{model_class}"
+    assert config["architectures"] == [model_class]
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     assert "local_files_only" not in tokenizer_config and "is_local" not in tokenizer_config  # this machine's
 
 
-def test_its_model_code_is_the_current_code():
+@pytest.mark.parametrize("name", COMMITTED)
+def test_its_model_code_is_the_current_code(name):
     package = Path(__file__).resolve().parents[1] / "modeling_rmt"
-    for name in HUB_FILES:
-        assert (CHECKPOINT / name).read_text() == (package / name).read_text(), f"re-export: {name} changed"
+    for file in HUB_FILES:
+        assert (CHECKPOINTS / name / file).read_text() == (package / file).read_text(), f"re-export: {file} changed"
+
+
+def test_the_classifier_names_the_six_places():
+    config = json.loads((CHECKPOINT / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in range(6)] == list(PLACES)
 
 
 @pytest.mark.parametrize("task, least_correct", [("memorize", 19), ("detect_memorize", 17)])
