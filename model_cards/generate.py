@@ -222,7 +222,7 @@ def _usage(results: dict[str, Any]) -> str:
             f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)\n'
             'inputs = tokenizer(long_prompt, return_tensors="pt")\n'
             "output = model.generate(**inputs, max_new_tokens=100)  # memory keeps being written while decoding\n"
-            "print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))\n\n"
+            "print(tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))\n\n"
             "# or, with a pipeline (the prompt is read whole, segment by segment):\n"
             f'generator = pipeline("text-generation", model="{repo}", trust_remote_code=True)\n'
             'generator(long_prompt, max_new_tokens=100, return_full_text=False)[0]["generated_text"]\n```'

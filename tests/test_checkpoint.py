@@ -17,7 +17,10 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 CHECKPOINT = CHECKPOINTS / "rmt-minilm"
 TEST_SEED = 5_000_011  # documents neither training, validation, the length evaluation nor the demo used
 # Every committed checkpoint, with the Auto class its config maps to the remote code.
-COMMITTED = {"rmt-minilm": ("AutoModelForSequenceClassification", "RMTForSequenceClassification")}
+COMMITTED = {
+    "rmt-minilm": ("AutoModelForSequenceClassification", "RMTForSequenceClassification"),
+    "rmt-minilm-qa1": ("AutoModelForCausalLM", "RMTForCausalLM"),
+}
 
 
 @pytest.fixture(scope="module")

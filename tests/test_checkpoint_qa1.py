@@ -1,0 +1,63 @@
+"""The committed trained decoder `checkpoints/rmt-minilm-qa1` answers qa1 (its folder is checked with the
+others in `test_checkpoint.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from modeling_rmt.training.babilong import babilong_correct
+from modeling_rmt.training.decoder import ANSWER_RESERVE
+from modeling_rmt.training.evaluate_lengths import decoder_correct
+from modeling_rmt.training.tasks import PLACES, TokenizedNoise, make_sample
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "rmt-minilm-qa1"
+TEST_SEED = 5_000_011  # documents neither training, validation nor the length evaluation used
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINT, trust_remote_code=True, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(CHECKPOINT)
+
+
+def test_its_tokenizer_leaves_prompts_as_trained():
+    """Training prompts carry no [CLS]/[SEP]; a tokenizer that added them would put [SEP], the
+    token that ends answers, right where the answer should start."""
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
+    ids = tokenizer("Mary went to the kitchen. Where is Mary?")["input_ids"]
+    assert ids == tokenizer("Mary went to the kitchen. Where is Mary?", add_special_tokens=False)["input_ids"]
+    assert tokenizer.sep_token_id not in ids and tokenizer.cls_token_id not in ids
+
+
+@pytest.mark.parametrize("segments, least_correct", [(1, 18), (5, 17)])
+def test_it_answers_held_out_documents(model_and_tokenizer, segments, least_correct):
+    model, tokenizer = model_and_tokenizer
+    noise = TokenizedNoise(tokenizer, "milton")
+    prompt_tokens = segments * model.config.segment_size - ANSWER_RESERVE
+    samples = [make_sample("qa1", noise, tokenizer, prompt_tokens, TEST_SEED, i) for i in range(20)]
+    with torch.no_grad():
+        correct = decoder_correct(model, tokenizer, samples)
+    assert correct >= least_correct  # chance: about 3 of 20
+
+
+def test_the_text_generation_pipeline_answers_a_document_of_several_segments_and_stops():
+    generator = pipeline("text-generation", model=str(CHECKPOINT), trust_remote_code=True, dtype=torch.float32)
+    ends = generator.model.generation_config.eos_token_id
+    assert (ends if isinstance(ends, list) else [ends]) == [generator.tokenizer.sep_token_id]  # answers end so
+    noise = TokenizedNoise(generator.tokenizer, "milton")
+    samples = [make_sample("qa1", noise, generator.tokenizer, 1_000, TEST_SEED, 100 + i) for i in range(4)]
+    answers = [
+        generator(f"{sample.input} {sample.question}", max_new_tokens=8, do_sample=False, return_full_text=False)[0][
+            "generated_text"
+        ]
+        for sample in samples
+    ]
+    scored = [babilong_correct(answer, sample.target, sample.question, "qa1", labels=PLACES)
+              for answer, sample in zip(answers, samples, strict=True)]  # fmt: skip
+    assert sum(scored) >= 3, answers
+    stopped = [len(answer.split()) == 1 for answer in answers]  # one word, then the end token
+    assert sum(stopped) >= 3, answers  # without the end token in its generation config: none
