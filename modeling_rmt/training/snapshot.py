@@ -156,18 +156,27 @@ class Rewarm(TrainerCallback):
         return control
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
-        if not hasattr(scheduler, "lr_lambdas"):
-            raise SystemExit(f"Resuming from a snapshot needs a LambdaLR schedule (e.g. linear); got "
-                             f"{type(scheduler).__name__}.")  # fmt: skip
+        scheduler = lambda_scheduler(lr_scheduler, "Resuming from a snapshot")
         step = state.global_step
         scheduler.lr_lambdas = [partial(_rewarmed, f, self.resumed_at, self.rewarm_steps) for f in scheduler.lr_lambdas]
         scheduler.last_epoch = step
-        groups = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
-        for group, base_lr, schedule in groups:
-            group["lr"] = base_lr * schedule(step)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        set_rates_at(optimizer, scheduler, step)
         return control
+
+
+def lambda_scheduler(lr_scheduler, what: str):
+    """The `LambdaLR` under Trainer's scheduler (accelerate wraps it); `what` needs one to change its rates."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if not hasattr(scheduler, "lr_lambdas"):
+        raise SystemExit(f"{what} needs a LambdaLR schedule (e.g. linear); got {type(scheduler).__name__}.")
+    return scheduler
+
+
+def set_rates_at(optimizer, scheduler, step: int) -> None:
+    """Set each parameter group's rate to the schedule's at `step`, and what the logs report with it."""
+    for group, base_lr, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base_lr * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def main(argv: list[str] | None = None) -> Path:

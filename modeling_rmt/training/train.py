@@ -49,7 +49,7 @@ from .decoder import (
     prompt_tokenizer,
 )
 from .run_record import LINEAGE_FILE, read_run
-from .snapshot import Rewarm, last_complete_checkpoint
+from .snapshot import Rewarm, lambda_scheduler, last_complete_checkpoint, set_rates_at
 from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
 
@@ -159,16 +159,13 @@ class RunClock(CheckpointRecord):
         if not self.learning_rate:  # a new run, or one whose checkpoint predates this record
             self.learning_rate = [{"from_step": 1, "learning_rate": loaded}]
         if loaded != args.learning_rate:
-            if not hasattr(scheduler, "lr_lambdas"):
-                raise SystemExit(
-                    f"--lr {args.learning_rate:g} differs from the checkpoint's {loaded:g}, and its "
-                    f"{type(scheduler).__name__} cannot change rate: resume with --lr {loaded:g}."
-                )
+            what = f"Resuming with --lr {args.learning_rate:g} (the checkpoint ran at {loaded:g}; or resume with that)"
+            scheduler = lambda_scheduler(lr_scheduler, what)
             print(f"resuming at learning rate {args.learning_rate:g} (the checkpoint's schedule ran at {loaded:g})")
             scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
-            for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-                group["initial_lr"], group["lr"] = args.learning_rate, args.learning_rate * schedule(state.global_step)
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what the logs report
+            for group in optimizer.param_groups:
+                group["initial_lr"] = args.learning_rate
+            set_rates_at(optimizer, scheduler, state.global_step)
         if self.learning_rate[-1]["learning_rate"] != args.learning_rate:
             self.learning_rate.append({"from_step": self.resumed_step + 1, "learning_rate": args.learning_rate})
         return control
