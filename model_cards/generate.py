@@ -293,6 +293,14 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
     return lines
 
 
+def carried_by(config: dict[str, Any]) -> str:
+    """What carries the memory from segment to segment, for the card's first sentence."""
+    if config["memory_type"] == "armt":
+        return (f"an associative memory in every layer, written from {config['num_mem_tokens']} memory tokens at the "
+                "end of each segment and read by every token, carries")  # fmt: skip
+    return f"{config['num_mem_tokens']} memory tokens carry"
+
+
 def render_card(results: dict[str, Any]) -> str:
     """The model card markdown for a validated results dict."""
     validate(results)
@@ -313,7 +321,7 @@ def render_card(results: dict[str, Any]) -> str:
     parts += [
         "",
         f"{results['name']} is {kind} built with `modeling_rmt` on "
-        f"{built_on}: {config['num_mem_tokens']} memory tokens carry what it has read "
+        f"{built_on}: {carried_by(config)} what it has read "
         f"from one segment of {config['segment_size']} tokens to the next, so it reads documents far longer than "
         "its backbone's position limit at linear cost and constant memory. The model code is loaded as remote code.",
         "",

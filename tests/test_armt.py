@@ -281,6 +281,28 @@ def test_clear_errors():
         RMTConfig(text_config=text_config, memory_type="armt", armt_d_mem=0)
 
 
+def test_an_armt_can_be_built_on_a_trained_rmts_loaded_backbone():
+    from types import SimpleNamespace
+
+    rmt = tiny_lm("llama")  # stands for a trained RMT decoder
+    tokens = SimpleNamespace(cls_token_id=None, sep_token_id=None, pad_token_id=0)
+    expected = {name: value.clone() for name, value in rmt.backbone.state_dict().items()}
+    armt = RMTForCausalLM.from_backbone(rmt.backbone, tokenizer=tokens, num_mem_tokens=2, segment_size=SEGMENT, **ARMT)
+    ids = prompts([2 * SEGMENT + 3])[0][None]
+    with torch.no_grad():  # W_mv = 0: every segment as the trained backbone alone reads it
+        logits = armt.eval()(input_ids=ids).logits
+        alone = rmt.backbone(input_ids=ids[:, SEGMENT : 2 * SEGMENT]).logits
+    torch.testing.assert_close(logits[:, SEGMENT : 2 * SEGMENT], alone, atol=1e-5, rtol=1e-5)
+    inner = {name.replace(".layer.", "."): value for name, value in armt.backbone.state_dict().items()}
+    assert all(torch.equal(inner[name.replace(".layer.", ".")], value) for name, value in expected.items())
+    with pytest.raises(ValueError, match="already hold an ARMT memory"):
+        RMTForCausalLM.from_backbone(armt.backbone, tokenizer=tokens, **ARMT)
+    with pytest.raises(ValueError, match="needs `tokenizer=`"):
+        RMTForCausalLM.from_backbone(tiny_lm("llama").backbone, **ARMT)
+    with pytest.raises(ValueError, match="set them on the model"):
+        RMTForCausalLM.from_backbone(tiny_lm("llama").backbone, tokenizer=tokens, backbone_kwargs={"dtype": "bfloat16"})
+
+
 # ----- associative recall: ARMT against RMT of the same size -----------------------------------------
 
 KEYS, VALUES, WRITES = 4, 8, 6  # 6 writes over 4 keys: keys come back and their values are overwritten

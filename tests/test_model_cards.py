@@ -79,6 +79,7 @@ def test_a_causal_lm_card_generates_and_an_armt_card_cites_armt(results):
     assert metadata["pipeline_tag"] == "text-generation" and "armt" in metadata["tags"]
     assert 'AutoModelForCausalLM.from_pretrained("example-org/rmt-example", trust_remote_code=True)' in body
     assert "model.generate(" in body and "Associative Recurrent Memory Transformer" in body
+    assert "an associative memory in every layer" in body and "memory tokens carry" not in body
     results["model_class"] = "RMTForSequenceClassification"
     with pytest.raises(ResultsError, match="'model_class'.*needs RMTForCausalLM"):
         validate(results)

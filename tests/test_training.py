@@ -342,6 +342,43 @@ def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_run_can_start_an_armt_on_a_trained_rmts_backbone_and_resume(tiny_backbone, tmp_path):
+    import re
+
+    decoder = ["--head", "causal-lm", "--segment-size", "32", "--num-mem-tokens", "4", "--batch-size", "2",
+               "--eval-size", "2", "--eval-steps", "1", "--save-steps", "1", "--no-progress"]  # fmt: skip
+    first = train_main([*decoder, "--backbone", str(tiny_backbone), "--output-dir", str(tmp_path / "rmt"),
+                        "--stages", "2", "--max-steps", "2", "--lr", "1e-3"])  # fmt: skip
+    armt = [*decoder, "--init-from", str(first), "--new-memory", "--memory-type", "armt", "--num-mem-tokens", "3",
+            "--output-dir", str(tmp_path / "armt"), "--stages", "2", "--max-steps", "2", "--lr", "0",
+            "--weight-decay", "0"]  # fmt: skip
+    train_main([*armt, "--stop-at-step", "1"])
+    final = train_main(armt)  # resumed from its own checkpoint: still ARMT, not rebuilt from the RMT
+    config = json.loads((final / "config.json").read_text())
+    assert (config["memory_type"], config["num_mem_tokens"], config["segment_size"]) == ("armt", 3, 32)
+    rmt_weights, armt_weights = load_file(first / "model.safetensors"), load_file(final / "model.safetensors")
+    backbone = {key: value for key, value in rmt_weights.items() if key.startswith("backbone.")}
+    assert backbone and len(backbone) < len(rmt_weights)  # the RMT's memory tokens stay behind
+    for key, value in backbone.items():  # lr 0: the trained RMT's backbone, its layers inside ARMT's wrappers
+        assert torch.equal(armt_weights[re.sub(r"(\.layer\.\d+)\.", r"\1.layer.", key, count=1)], value), key
+    assert armt_weights["memory.memory_tokens"].shape[0] == 3
+    assert all(not value.any() for key, value in armt_weights.items() if key.endswith("W_mv.weight"))
+    from modeling_rmt.training.run_record import training_command
+
+    command = training_command(json.loads((final / "training_args.json").read_text()), "armt", "runs/rmt/final")
+    assert "--init-from runs/rmt/final --new-memory" in command and "--memory-type armt" in command
+
+    def refused(*arguments: str) -> str:
+        with pytest.raises(SystemExit) as error:
+            train_main([*decoder, "--output-dir", str(tmp_path / "refused"), "--max-steps", "1", *arguments])
+        return str(error.value)
+
+    assert "or --new-memory" in refused("--init-from", str(first), "--memory-type", "armt")
+    assert "goes with --init-from" in refused("--backbone", str(tiny_backbone), "--new-memory")
+    assert "has armt memory" in refused("--init-from", str(final), "--new-memory", "--memory-type", "rmt")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_wilson_interval_covers_the_measured_accuracy():
     from modeling_rmt.training.evaluate_lengths import wilson_interval
 

@@ -47,8 +47,8 @@ def render_flag(value: Any) -> str:
 
 def training_command(settings: dict[str, Any], name: str, init_from: str | None) -> str:
     """The `train` command line of a run, from its `training_args.json`, with the flags that shape the model."""
-    shown = ["head", "backbone", "init_from", "tasks", "stages", "advance_at", "max_steps", "lr", "batch_size",
-             "grad_accum", "segment_size", "num_mem_tokens", "memory_type", "bf16"]  # fmt: skip
+    shown = ["head", "backbone", "init_from", "new_memory", "tasks", "stages", "advance_at", "max_steps", "lr",
+             "batch_size", "grad_accum", "segment_size", "num_mem_tokens", "memory_type", "bf16"]  # fmt: skip
     if settings.get("head") == "causal-lm" and not settings.get("backbone") and not settings.get("init_from"):
         shown.append("decoder_preset")  # a decoder from scratch
     values = {key: settings.get(key) for key in shown} | {"init_from": init_from}

@@ -21,6 +21,8 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-from", default=None, help="an RMT model folder (a run's final/ or an exported "
                         "checkpoint) whose weights this new run starts from, e.g. to train on longer documents; "
                         "instead of --backbone")  # fmt: skip
+    parser.add_argument("--new-memory", action="store_true", help="with --init-from: keep only its backbone "
+                        "(trained with RMT memory) under a new --memory-type memory")  # fmt: skip
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the backbone's or MiniLM's)")
     parser.add_argument("--tasks", nargs="+", default=None, help="default: memorize detect_memorize; qa1 (causal-lm)")
     parser.add_argument("--noise", default="shakespeare", help="noise corpus for training and validation")
@@ -176,9 +180,11 @@ class RunClock(CheckpointRecord):
                 "learning_rate": self.learning_rate}  # fmt: skip
 
 
-def model_to_continue(args: argparse.Namespace, source: str | Path) -> RMTForSequenceClassification | RMTForCausalLM:
+def model_to_continue(
+    args: argparse.Namespace, source: str | Path, resuming: bool = False
+) -> RMTForSequenceClassification | RMTForCausalLM:
     """The RMT model of `--init-from` (or of the checkpoint `source` of a resumed run started so), in float32,
-    with this run's segment size; its memory must match."""
+    with this run's segment size; its memory must match, unless `--new-memory` asks for its backbone only."""
     model_class = RMTForCausalLM if args.head == "causal-lm" else RMTForSequenceClassification
     if not Path(source).is_dir():
         raise SystemExit(f"--init-from {source}: no such folder; give a run's final/ folder or a saved RMT model.")
@@ -191,11 +197,36 @@ def model_to_continue(args: argparse.Namespace, source: str | Path) -> RMTForSeq
         )
     differing = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("memory_type", "num_mem_tokens")
                  if getattr(args, name) != getattr(config, name)]  # fmt: skip
-    if differing:
-        raise SystemExit(f"--init-from {args.init_from} has a different memory: pass {' '.join(differing)}.")
+    if differing and not args.new_memory:
+        raise SystemExit(
+            f"--init-from {args.init_from} has a different memory: pass {' '.join(differing)}, or --new-memory to "
+            "start a new memory on its backbone."
+        )
     if args.dropout is not None:
         raise SystemExit("--dropout applies when starting from a backbone, not with --init-from.")
+    if args.new_memory and not resuming:
+        return backbone_with_new_memory(args, model_class, source, config)
     return model_class.from_pretrained(source, segment_size=args.segment_size, dtype=torch.float32)
+
+
+def backbone_with_new_memory(
+    args: argparse.Namespace, model_class: type, source: str | Path, config: Any
+) -> RMTForSequenceClassification | RMTForCausalLM:
+    """The backbone of a trained RMT-memory model (its memory tokens left behind) under a new memory of
+    `--memory-type` with `--num-mem-tokens`, initialised as `from_backbone` does."""
+    if config.memory_type != "rmt":
+        raise SystemExit(
+            f"--new-memory keeps the backbone of a model with RMT memory, and {source} has {config.memory_type} "
+            "memory inside its layers: give an RMT-memory model, or leave out --new-memory to go on with its memory."
+        )
+    trained = model_class.from_pretrained(source, dtype=torch.float32)
+    tokens = {name: getattr(config, name) for name in ("cls_token_id", "sep_token_id", "pad_token_id")}
+    model = model_class.from_backbone(
+        trained.backbone, tokenizer=SimpleNamespace(**tokens), num_mem_tokens=args.num_mem_tokens,
+        segment_size=args.segment_size, memory_type=args.memory_type,
+    )  # fmt: skip
+    model.generation_config = trained.generation_config
+    return model
 
 
 class Lineage(CheckpointRecord):
@@ -224,7 +255,7 @@ def build_model(
     args: argparse.Namespace, tokenizer, last: Path | None = None
 ) -> RMTForSequenceClassification | RMTForCausalLM:
     if args.init_from:
-        return model_to_continue(args, last or args.init_from)  # resuming: the checkpoint's weights follow anyway
+        return model_to_continue(args, last or args.init_from, resuming=last is not None)
     if args.head == "causal-lm":
         if args.dropout is not None:
             raise SystemExit("--dropout applies to encoder backbones; set a decoder's dropout in its config.")
@@ -248,6 +279,8 @@ def main(argv: list[str] | None = None) -> Path:
     decoder = args.head == "causal-lm"
     if args.init_from and (args.backbone or args.decoder_preset):
         raise SystemExit("--init-from starts from a trained RMT model: leave out --backbone and --decoder-preset.")
+    if args.new_memory and not args.init_from:
+        raise SystemExit("--new-memory goes with --init-from (a trained model whose backbone it keeps).")
     if args.init_from:
         args.init_from = str(Path(args.init_from).resolve())
     elif args.backbone == "minilm" or (args.backbone is None and not decoder):
