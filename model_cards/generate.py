@@ -43,6 +43,7 @@ OPTIONAL: dict[str, dict[str, Any]] = {
         "precision": list,
         "learning_rate_parts": list,
         "initialised_from": dict,
+        "new_memory": bool,  # started from the first model's backbone only, under a new memory
     },
 }
 MODEL_CLASSES = {"text-classification": "RMTForSequenceClassification", "text-generation": "RMTForCausalLM"}
@@ -258,11 +259,15 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
     """The recipe of one training run; a run started from another's weights lists that one first."""
     lines: list[str] = []
     previous = training.get("initialised_from")
+    started = "its backbone (its memory left behind) under a new memory" if training.get("new_memory") else (
+        "its final weights")  # fmt: skip
     if previous is not None and "command" in previous:
         lines += [f"First, the run `{previous['name']}`:", "", *_training_lines(previous), ""]
-        lines += ["Then a second run, starting from its final weights:", ""]
+        lines += [f"Then a second run, starting from {started}:", ""]
     elif previous is not None:
-        lines += [f"Started from the weights of `{previous['name']}` (its recipe is in its own card).", ""]
+        source = "the backbone of" if training.get("new_memory") else "the weights of"
+        lines += [f"Started from {source} `{previous['name']}` (its recipe is in its own card)"
+                  + (", under a new memory." if training.get("new_memory") else "."), ""]  # fmt: skip
     tasks = ", ".join(
         f"`{t}` ({TASK_DESCRIPTIONS[t]})" if t in TASK_DESCRIPTIONS else f"`{t}`" for t in training["tasks"]
     )
@@ -296,8 +301,8 @@ def _training_lines(training: dict[str, Any]) -> list[str]:
 def carried_by(config: dict[str, Any]) -> str:
     """What carries the memory from segment to segment, for the card's first sentence."""
     if config["memory_type"] == "armt":
-        return (f"an associative memory in every layer, written from {config['num_mem_tokens']} memory tokens at the "
-                "end of each segment and read by every token, carries")  # fmt: skip
+        return (f"an associative memory in every layer, written from the outputs of {config['num_mem_tokens']} memory "
+                "tokens in each segment and read by every token, carries")  # fmt: skip
     return f"{config['num_mem_tokens']} memory tokens carry"
 
 

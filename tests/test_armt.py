@@ -287,20 +287,23 @@ def test_an_armt_can_be_built_on_a_trained_rmts_loaded_backbone():
     rmt = tiny_lm("llama")  # stands for a trained RMT decoder
     tokens = SimpleNamespace(cls_token_id=None, sep_token_id=None, pad_token_id=0)
     expected = {name: value.clone() for name, value in rmt.backbone.state_dict().items()}
-    armt = RMTForCausalLM.from_backbone(rmt.backbone, tokenizer=tokens, num_mem_tokens=2, segment_size=SEGMENT, **ARMT)
     ids = prompts([2 * SEGMENT + 3])[0][None]
+    with torch.no_grad():
+        alone = rmt.backbone(input_ids=ids[:, SEGMENT : 2 * SEGMENT]).logits  # before its layers are wrapped
+    armt = RMTForCausalLM.from_backbone(rmt.backbone, tokenizer=tokens, num_mem_tokens=2, segment_size=SEGMENT, **ARMT)
     with torch.no_grad():  # W_mv = 0: every segment as the trained backbone alone reads it
         logits = armt.eval()(input_ids=ids).logits
-        alone = rmt.backbone(input_ids=ids[:, SEGMENT : 2 * SEGMENT]).logits
     torch.testing.assert_close(logits[:, SEGMENT : 2 * SEGMENT], alone, atol=1e-5, rtol=1e-5)
     inner = {name.replace(".layer.", "."): value for name, value in armt.backbone.state_dict().items()}
     assert all(torch.equal(inner[name.replace(".layer.", ".")], value) for name, value in expected.items())
-    with pytest.raises(ValueError, match="already hold an ARMT memory"):
+    with pytest.raises(ValueError, match="already wrapped by an ARMT memory"):
         RMTForCausalLM.from_backbone(armt.backbone, tokenizer=tokens, **ARMT)
     with pytest.raises(ValueError, match="needs `tokenizer=`"):
         RMTForCausalLM.from_backbone(tiny_lm("llama").backbone, **ARMT)
-    with pytest.raises(ValueError, match="set them on the model"):
+    with pytest.raises(ValueError, match="set them on it instead"):
         RMTForCausalLM.from_backbone(tiny_lm("llama").backbone, tokenizer=tokens, backbone_kwargs={"dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="must be a transformers PreTrainedModel, not Linear"):
+        RMTForCausalLM.from_backbone(torch.nn.Linear(2, 2), tokenizer=tokens)
 
 
 # ----- associative recall: ARMT against RMT of the same size -----------------------------------------

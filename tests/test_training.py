@@ -352,8 +352,12 @@ def test_a_run_can_start_an_armt_on_a_trained_rmts_backbone_and_resume(tiny_back
     armt = [*decoder, "--init-from", str(first), "--new-memory", "--memory-type", "armt", "--num-mem-tokens", "3",
             "--output-dir", str(tmp_path / "armt"), "--stages", "2", "--max-steps", "2", "--lr", "0",
             "--weight-decay", "0"]  # fmt: skip
-    train_main([*armt, "--stop-at-step", "1"])
-    final = train_main(armt)  # resumed from its own checkpoint: still ARMT, not rebuilt from the RMT
+    stopped = train_main([*armt, "--stop-at-step", "1"])
+    with pytest.raises(SystemExit, match="This run's checkpoint .* pass --num-mem-tokens 3"):
+        train_main([*armt, "--num-mem-tokens", "4"])  # a resume keeps the memory it started with
+    assert sorted(path.name for path in stopped.glob("checkpoint-*")) == ["checkpoint-1"]
+    resumed = [flag for flag in armt if flag != "--new-memory"]  # the checkpoint remembers it
+    final = train_main(resumed)  # from its own checkpoint: still ARMT, not rebuilt from the RMT
     config = json.loads((final / "config.json").read_text())
     assert (config["memory_type"], config["num_mem_tokens"], config["segment_size"]) == ("armt", 3, 32)
     rmt_weights, armt_weights = load_file(first / "model.safetensors"), load_file(final / "model.safetensors")
@@ -367,6 +371,15 @@ def test_a_run_can_start_an_armt_on_a_trained_rmts_backbone_and_resume(tiny_back
 
     command = training_command(json.loads((final / "training_args.json").read_text()), "armt", "runs/rmt/final")
     assert "--init-from runs/rmt/final --new-memory" in command and "--memory-type armt" in command
+    from model_cards.generate import render_card
+    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+
+    results = evaluate_main([str(final), "--results", str(tmp_path / "results.json"), "--segments", "2",
+                             "--samples", "1", "--tasks", "qa1", "--run", str(final)])  # fmt: skip
+    assert results["training"]["new_memory"] and results["config"]["memory_type"] == "armt"
+    card = render_card(results)
+    assert "Then a second run, starting from its backbone (its memory left behind) under a new memory:" in card
+    assert "an associative memory in every layer" in card
 
     def refused(*arguments: str) -> str:
         with pytest.raises(SystemExit) as error:
@@ -377,6 +390,17 @@ def test_a_run_can_start_an_armt_on_a_trained_rmts_backbone_and_resume(tiny_back
     assert "goes with --init-from" in refused("--backbone", str(tiny_backbone), "--new-memory")
     assert "has armt memory" in refused("--init-from", str(final), "--new-memory", "--memory-type", "rmt")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_run_started_from_an_exported_checkpoint_takes_its_base_model_from_its_card(tmp_path):
+    from modeling_rmt.training.run_record import read_run
+
+    exported = tmp_path / "rmt-exported"
+    exported.mkdir()
+    (exported / "config.json").write_text("{}")
+    assert "base_model" not in read_run(exported)  # no card
+    (exported / "README.md").write_text("---\nbase_model: org/backbone\nlicense: mit\n---\n\n# rmt-exported\n")
+    assert read_run(exported) == {"name": "rmt-exported", "config": {}, "base_model": "org/backbone"}
 
 
 def test_wilson_interval_covers_the_measured_accuracy():

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from modeling_rmt.tools.backbones import minilm_path
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -31,13 +33,26 @@ def run_name(folder: Path) -> str:
 
 def read_run(folder: str | Path) -> dict[str, Any]:
     """The record of the run whose `final/` (or model) folder this is: its name and, for a run's
-    `final/`, the contents of its `RUN_FILES` (absent files are left out)."""
+    `final/`, the contents of its `RUN_FILES` (absent files are left out); for an exported checkpoint,
+    the `base_model` its card names."""
     folder = Path(folder).resolve()
     record: dict[str, Any] = {"name": run_name(folder)}
     for key, file in RUN_FILES.items():
         if (folder / file).is_file():
             record[key] = json.loads((folder / file).read_text())
+    base_model = card_base_model(folder / "README.md")
+    if "settings" not in record and base_model:
+        record["base_model"] = base_model
     return record
+
+
+def card_base_model(card: Path) -> str | None:
+    """`base_model` from a model card's YAML front matter, if it has one."""
+    text = card.read_text() if card.is_file() else ""
+    if not text.startswith("---\n") or "\n---" not in text[4:]:
+        return None
+    metadata = yaml.safe_load(text[4 : text.index("\n---", 4)]) or {}
+    return metadata.get("base_model") if isinstance(metadata.get("base_model"), str) else None
 
 
 def render_flag(value: Any) -> str:
@@ -85,6 +100,7 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
         previous, init_from = {"name": lineage["name"], **prior["training"]}, f"runs/{lineage['name']}/final"
     elif lineage is not None:  # an exported checkpoint: its recipe is in its own card
         previous, init_from = {"name": lineage["name"]}, lineage["name"]
+        prior = {"base_model": lineage["base_model"]} if "base_model" in lineage else {}
     model_class = config["architectures"][0]
     backbone = settings.get("backbone")
     base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
@@ -114,6 +130,7 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
             **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
             **({"learning_rate_parts": rates} if len(rates) > 1 else {}),
             **({"initialised_from": previous} if previous else {}),
+            **({"new_memory": True} if previous and settings.get("new_memory") else {}),
         },
         "limitations": [
             "Trained and evaluated on synthetic memory tasks only: bAbI-style facts hidden in public-domain "

@@ -9,7 +9,8 @@ Each run writes Trainer checkpoints (`checkpoint-N/`, with `curriculum.json`) ev
 steps; started again with the same `--output-dir` it continues from the newest one: same weights,
 optimizer, schedule, data position and curriculum stage. The final model, its code and tokenizer are
 saved to `OUTPUT_DIR/final`; once it exists the run is finished and a rerun refuses to touch it.
-`--init-from RUN/final` starts a new run from a trained RMT's weights (e.g. on longer documents).
+`--init-from RUN/final` starts a new run from a trained RMT's weights (e.g. on longer documents);
+with `--new-memory` it keeps only that model's backbone under a new memory (e.g. `--memory-type armt`).
 A run can also continue from a compact snapshot (`modeling_rmt.training.snapshot`), e.g. one committed
 to carry a long CPU run across machines.
 """
@@ -17,12 +18,12 @@ to carry a long CPU run across machines.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     DataCollatorWithPadding,
+    PretrainedConfig,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -181,7 +183,7 @@ class RunClock(CheckpointRecord):
 
 
 def model_to_continue(
-    args: argparse.Namespace, source: str | Path, resuming: bool = False
+    args: argparse.Namespace, source: str | Path, *, resuming: bool = False
 ) -> RMTForSequenceClassification | RMTForCausalLM:
     """The RMT model of `--init-from` (or of the checkpoint `source` of a resumed run started so), in float32,
     with this run's segment size; its memory must match, unless `--new-memory` asks for its backbone only."""
@@ -197,6 +199,8 @@ def model_to_continue(
         )
     differing = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("memory_type", "num_mem_tokens")
                  if getattr(args, name) != getattr(config, name)]  # fmt: skip
+    if differing and resuming:
+        raise SystemExit(f"This run's checkpoint {source} has a different memory: pass {' '.join(differing)}.")
     if differing and not args.new_memory:
         raise SystemExit(
             f"--init-from {args.init_from} has a different memory: pass {' '.join(differing)}, or --new-memory to "
@@ -210,10 +214,15 @@ def model_to_continue(
 
 
 def backbone_with_new_memory(
-    args: argparse.Namespace, model_class: type, source: str | Path, config: Any
+    args: argparse.Namespace,
+    model_class: type[RMTForSequenceClassification] | type[RMTForCausalLM],
+    source: str | Path,
+    config: PretrainedConfig,
 ) -> RMTForSequenceClassification | RMTForCausalLM:
     """The backbone of a trained RMT-memory model (its memory tokens left behind) under a new memory of
-    `--memory-type` with `--num-mem-tokens`, initialised as `from_backbone` does."""
+    `--memory-type` with `--num-mem-tokens`, initialised as `from_backbone` does; of the trained model's
+    RMT settings only its special tokens carry over (the others are `RMTConfig`'s defaults, as for any
+    run started from a backbone)."""
     if config.memory_type != "rmt":
         raise SystemExit(
             f"--new-memory keeps the backbone of a model with RMT memory, and {source} has {config.memory_type} "
@@ -225,7 +234,7 @@ def backbone_with_new_memory(
         trained.backbone, tokenizer=SimpleNamespace(**tokens), num_mem_tokens=args.num_mem_tokens,
         segment_size=args.segment_size, memory_type=args.memory_type,
     )  # fmt: skip
-    model.generation_config = trained.generation_config
+    model.generation_config = copy.deepcopy(trained.generation_config)
     return model
 
 
@@ -236,19 +245,21 @@ class Lineage(CheckpointRecord):
 
     FILE = LINEAGE_FILE
 
-    def __init__(self, first_run: dict) -> None:
-        self.first_run = first_run
+    def __init__(self, first_run: dict, new_memory: bool | None) -> None:
+        self.first_run, self.new_memory = first_run, new_memory
 
     def record(self) -> dict:
-        return self.first_run
+        return self.first_run | {"new_memory": self.new_memory}
 
     @classmethod
-    def for_run(cls, init_from: str | None, last: Path | None) -> Lineage | None:
+    def for_run(cls, init_from: str | None, last: Path | None, new_memory: bool) -> Lineage | None:
+        """The lineage of a new run, or the one its checkpoint `last` kept (`new_memory` None: not recorded)."""
         if not init_from:
             return None
         if last and (last / LINEAGE_FILE).is_file():
-            return cls(json.loads((last / LINEAGE_FILE).read_text()))
-        return cls(read_run(init_from))
+            kept = json.loads((last / LINEAGE_FILE).read_text())
+            return cls(kept, kept.pop("new_memory", None))
+        return cls(read_run(init_from), new_memory)
 
 
 def build_model(
@@ -308,7 +319,9 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(tokenizer_source))
     if decoder:
         tokenizer = prompt_tokenizer(tokenizer)  # documents carry no [CLS] or [SEP]
-    lineage = Lineage.for_run(args.init_from, last)
+    lineage = Lineage.for_run(args.init_from, last, args.new_memory)
+    if lineage and lineage.new_memory is not None:
+        args.new_memory = lineage.new_memory  # as the run started, whether or not the resume repeats the flag
     if last:
         saved = Curriculum.load(last)
         longer = curriculum.stages[: len(saved.stages)] == saved.stages and len(curriculum.stages) > len(saved.stages)
