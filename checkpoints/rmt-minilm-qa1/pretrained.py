@@ -14,7 +14,7 @@ from transformers import initialization as init
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
 from .diagonal import diagonal_segments
-from .memory import AssociativeMemory, MemoryState, TokenMemory, build_memory
+from .memory import AssociativeLayer, AssociativeMemory, MemoryState, TokenMemory, build_memory
 from .segmenting import Segment, SegmentPlan, plan_segments
 
 # Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
@@ -27,6 +27,28 @@ def scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> t
         return values
     full = values.new_zeros((batch_size, *values.shape[1:]))
     return full.index_copy(0, rows, values)
+
+
+def loaded_backbone(backbone: nn.Module, tokenizer: Any, backbone_kwargs: dict[str, Any]) -> PreTrainedModel:
+    """A backbone given to `from_backbone` as a loaded model: plain (not already inside a memory), with a tokenizer."""
+    if isinstance(backbone, BaseModelHolder):  # an RMTModel's backbone
+        backbone = backbone.model
+    if not isinstance(backbone, PreTrainedModel):
+        raise ValueError(f"A loaded backbone must be a transformers PreTrainedModel, not {type(backbone).__name__}.")
+    if any(isinstance(module, AssociativeLayer) for module in backbone.modules()):
+        raise ValueError(
+            "This backbone's layers are already wrapped by an ARMT memory (an ARMT model's backbone, or one given "
+            "to `from_backbone` before: it wraps a loaded model's layers in place): give a plain model, e.g. the "
+            "backbone of an RMT-memory model or a freshly loaded one."
+        )
+    if tokenizer is None:
+        raise ValueError("A backbone given as a loaded model needs `tokenizer=` (its special tokens go in the config).")
+    if backbone_kwargs:
+        raise ValueError(
+            f"{sorted(backbone_kwargs)} configure or load a backbone given by name (head settings such as num_labels, "
+            "loading options such as dtype); a loaded model has them already: set them on it instead."
+        )
+    return backbone
 
 
 class BaseModelHolder(nn.Module):
@@ -136,7 +158,7 @@ class RMTPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_backbone(
         cls,
-        pretrained_model_name_or_path: str,
+        pretrained_model_name_or_path: str | nn.Module,
         *,
         num_mem_tokens: int = 10,
         segment_size: int | None = None,
@@ -144,7 +166,9 @@ class RMTPreTrainedModel(PreTrainedModel):
         backbone_kwargs: dict[str, Any] | None = None,
         **config_kwargs: Any,
     ) -> RMTPreTrainedModel:
-        """Wrap a pretrained backbone with memory, keeping its weights.
+        """Wrap a pretrained backbone (a folder, a Hub id, or a loaded model) with memory, keeping its weights.
+        A loaded model becomes the new model's backbone in place: ARMT wraps its layers, and it moves to the
+        new model's device and dtype.
 
         `segment_size` defaults to the largest that fits the backbone's positions. Special-token ids
         come from `tokenizer` (or the backbone's own tokenizer). Head settings such as `num_labels`
@@ -156,7 +180,10 @@ class RMTPreTrainedModel(PreTrainedModel):
                 backbone_kwargs[key] = config_kwargs.pop(key)
         if config_kwargs.get("attn_implementation") is not None:  # the backbone runs the attention
             backbone_kwargs.setdefault("attn_implementation", config_kwargs["attn_implementation"])
-        backbone = cls._backbone_auto_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+        if isinstance(pretrained_model_name_or_path, nn.Module):
+            backbone = loaded_backbone(pretrained_model_name_or_path, tokenizer, backbone_kwargs)
+        else:
+            backbone = cls._backbone_auto_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path)
         for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
