@@ -20,6 +20,7 @@ TEST_SEED = 5_000_011  # documents neither training, validation, the length eval
 COMMITTED = {
     "rmt-minilm": ("AutoModelForSequenceClassification", "RMTForSequenceClassification"),
     "rmt-minilm-qa1": ("AutoModelForCausalLM", "RMTForCausalLM"),
+    "armt-minilm-qa1": ("AutoModelForCausalLM", "RMTForCausalLM"),
 }
 
 

@@ -1,8 +1,9 @@
-"""The committed trained decoder `checkpoints/rmt-minilm-qa1` answers qa1 (its folder is checked with the
-others in `test_checkpoint.py`)."""
+"""The committed trained decoders `checkpoints/rmt-minilm-qa1` (RMT) and `checkpoints/armt-minilm-qa1` (its
+ARMT twin) answer qa1 (their folders are checked with the others in `test_checkpoint.py`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,20 +15,36 @@ from modeling_rmt.training.decoder import ANSWER_RESERVE
 from modeling_rmt.training.evaluate_lengths import decoder_correct
 from modeling_rmt.training.tasks import PLACES, TokenizedNoise, make_sample
 
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "rmt-minilm-qa1"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+DECODERS = ["rmt-minilm-qa1", "armt-minilm-qa1"]
 TEST_SEED = 5_000_011  # documents neither training, validation nor the length evaluation used
 
 
+@pytest.fixture(scope="module", params=DECODERS)
+def decoder(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def model_and_tokenizer():
-    model = AutoModelForCausalLM.from_pretrained(CHECKPOINT, trust_remote_code=True, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(CHECKPOINT)
+def model_and_tokenizer(decoder):
+    folder = CHECKPOINTS / decoder
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
-def test_its_tokenizer_leaves_prompts_as_trained():
+def test_the_twins_differ_in_their_memory_only():
+    configs = [json.loads((CHECKPOINTS / name / "config.json").read_text()) for name in DECODERS]
+    assert [config["memory_type"] for config in configs] == ["rmt", "armt"]
+    backbones = [{key: value for key, value in config["text_config"].items() if key != "dtype"} for config in configs]
+    assert backbones[0] == backbones[1]  # (the nested dtype depends on what export loaded; the weights are float16)
+    assert configs[0]["segment_size"] == configs[1]["segment_size"] == 128
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_its_tokenizer_leaves_prompts_as_trained(name):
     """Training prompts carry no [CLS]/[SEP]; a tokenizer that added them would put [SEP], the
     token that ends answers, right where the answer should start."""
-    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINT)
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / name)
     ids = tokenizer("Mary went to the kitchen. Where is Mary?")["input_ids"]
     assert ids == tokenizer("Mary went to the kitchen. Where is Mary?", add_special_tokens=False)["input_ids"]
     assert tokenizer.sep_token_id not in ids and tokenizer.cls_token_id not in ids
@@ -44,8 +61,9 @@ def test_it_answers_held_out_documents(model_and_tokenizer, segments, least_corr
     assert correct >= least_correct  # chance: about 3 of 20
 
 
-def test_the_text_generation_pipeline_answers_a_document_of_several_segments_and_stops():
-    generator = pipeline("text-generation", model=str(CHECKPOINT), trust_remote_code=True, dtype=torch.float32)
+@pytest.mark.parametrize("name", DECODERS)
+def test_the_text_generation_pipeline_answers_a_document_of_several_segments_and_stops(name):
+    generator = pipeline("text-generation", model=str(CHECKPOINTS / name), trust_remote_code=True, dtype=torch.float32)
     ends = generator.model.generation_config.eos_token_id
     assert (ends if isinstance(ends, list) else [ends]) == [generator.tokenizer.sep_token_id]  # answers end so
     noise = TokenizedNoise(generator.tokenizer, "milton")
@@ -61,3 +79,20 @@ def test_the_text_generation_pipeline_answers_a_document_of_several_segments_and
     assert sum(scored) >= 3, answers
     stopped = [len(answer.split()) == 1 for answer in answers]  # one word, then the end token
     assert sum(stopped) >= 3, answers  # without the end token in its generation config: none
+
+
+def test_the_armt_twin_answers_from_its_layer_memories():
+    """With W_mv zeroed its memories stay empty, and five-segment documents are answered only where the
+    story sits in the question's segment."""
+    model = AutoModelForCausalLM.from_pretrained(CHECKPOINTS / "armt-minilm-qa1", trust_remote_code=True,
+                                                 dtype=torch.float32).eval()  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / "armt-minilm-qa1")
+    noise = TokenizedNoise(tokenizer, "milton")
+    prompt_tokens = 5 * model.config.segment_size - ANSWER_RESERVE
+    samples = [make_sample("qa1", noise, tokenizer, prompt_tokens, TEST_SEED, 200 + i) for i in range(20)]
+    with torch.no_grad():
+        with_memory = decoder_correct(model, tokenizer, samples)
+        for layer in model.memory.layers:
+            layer.W_mv.weight.zero_()
+        without_memory = decoder_correct(model, tokenizer, samples)
+    assert with_memory >= 17 and without_memory <= with_memory - 6, (with_memory, without_memory)

@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> Path:
     if decoder:
         tokenizer = prompt_tokenizer(tokenizer)  # documents carry no [CLS] or [SEP]
     lineage = Lineage.for_run(args.init_from, last, args.new_memory)
-    if lineage and lineage.new_memory is not None:
-        args.new_memory = lineage.new_memory  # as the run started, whether or not the resume repeats the flag
+    if lineage:  # as the run started, whether or not a resume repeats the flag (older records: as given now)
+        lineage.new_memory = args.new_memory = args.new_memory if lineage.new_memory is None else lineage.new_memory
     if last:
         saved = Curriculum.load(last)
         longer = curriculum.stages[: len(saved.stages)] == saved.stages and len(curriculum.stages) > len(saved.stages)

@@ -1,0 +1,242 @@
+"""Configuration of Recurrent Memory Transformer models wrapping any supported backbone."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, BertConfig, PreTrainedConfig
+
+# Encoder families whose `*ForSequenceClassification` heads read the first ([CLS]) position and whose
+# embeddings accept `inputs_embeds`.
+ENCODER_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta", "camembert")
+# RoBERTa-style models number positions from `pad_token_id + 1`.
+POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
+# Decoder families with a `*ForCausalLM` head whose base model takes `inputs_embeds` and `position_ids`.
+DECODER_FAMILIES = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral")
+# Encoder families that run as decoders with `is_decoder=True` (causal attention and a KV cache, as in
+# transformers' BERT2BERT): a pretrained encoder can then back an RMTForCausalLM.
+CAUSAL_ENCODER_FAMILIES = ("bert",)
+MEMORY_TYPES = ("rmt", "armt")
+# Backbone families whose layers diagonal batching has been checked on against the sequential loop.
+DIAGONAL_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "roberta", "xlm-roberta", "camembert",
+                     "electra", "distilbert")  # fmt: skip
+SEGMENT_ALIGNMENTS = ("right", "left")
+SEGMENT_LOSSES = ("final", "mean")
+# Special tokens around every encoder segment: [CLS] memory [SEP] tokens [SEP]
+ENCODER_SPECIAL_TOKENS = 3
+AUTO_MAP = {
+    "AutoConfig": "configuration_rmt.RMTConfig",
+    "AutoModel": "modeling_rmt.RMTModel",
+    "AutoModelForSequenceClassification": "modeling_rmt.RMTForSequenceClassification",
+    "AutoModelForCausalLM": "modeling_rmt.RMTForCausalLM",
+}
+
+
+def is_decoder_family(text_config: PreTrainedConfig) -> bool:
+    if text_config.model_type in CAUSAL_ENCODER_FAMILIES:
+        return bool(getattr(text_config, "is_decoder", False))
+    return text_config.model_type in DECODER_FAMILIES
+
+
+def backbone_position_limit(text_config: PreTrainedConfig) -> int:
+    """Longest input (in tokens) the backbone's position embeddings can address."""
+    reserved = 0
+    if text_config.model_type in POSITIONS_AFTER_PAD:
+        reserved = (text_config.pad_token_id or 0) + 1
+    limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    return int(limit) - reserved
+
+
+def segment_overhead(text_config: PreTrainedConfig, num_mem_tokens: int, memory_type: str = "rmt") -> int:
+    """Positions a segment needs besides its content: encoders `[CLS] mem [SEP] ... [SEP]`, decoders
+    `[read mem] ... [write mem]` (RMT) or `... [mem]` (ARMT)."""
+    if is_decoder_family(text_config):
+        return num_mem_tokens if memory_type == "armt" else 2 * num_mem_tokens
+    return num_mem_tokens + ENCODER_SPECIAL_TOKENS
+
+
+def _as_backbone_config(text_config: Any) -> PreTrainedConfig:
+    if text_config is None:
+        return BertConfig()
+    if isinstance(text_config, PreTrainedConfig):
+        return copy.deepcopy(text_config)  # the caller's config is never changed
+    if isinstance(text_config, dict):
+        if "model_type" not in text_config:
+            raise ValueError(
+                "`text_config` is a dict without `model_type`; pass e.g. AutoConfig.from_pretrained(name) "
+                "or a dict with `model_type` set."
+            )
+        values = dict(text_config)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    raise TypeError(f"`text_config` must be a PreTrainedConfig or a dict, got {type(text_config).__name__}.")
+
+
+class RMTConfig(PreTrainedConfig):
+    r"""Configuration of a Recurrent Memory Transformer around a backbone given as `text_config`.
+
+    Args:
+        text_config: the backbone's config (any supported AutoConfig or its dict); BERT-base if omitted.
+        num_mem_tokens: number of memory tokens carried from segment to segment.
+        segment_size: content tokens per segment (memory and special tokens come on top).
+        max_n_segments: the most segments a document may have in training (inference is unbounded);
+            `None` for no cap.
+        bptt_depth: gradients cross at most this many memory transitions back from the last segment;
+            -1 for full backpropagation through time.
+        segment_alignment: "right" (the authors' default: the last segment is full, a short first
+            segment is padded) or "left" (the first segment is full, the last is short).
+        segment_loss: "final" (loss on the last segment's logits) or "mean" (mean over each
+            document's segments).
+        memory_type: "rmt" (memory tokens recur through the last layer's states) or "armt" (an
+            associative matrix memory in every layer, written by memory tokens at each segment's end).
+        armt_d_mem: ARMT key size before the DPFP feature map (keys have 6 * armt_d_mem features).
+        armt_num_heads: ARMT memory heads (each holds its share of the keys and values).
+        armt_correction: ARMT's gamma correction of the normaliser z (count only new key directions).
+        armt_normalize_features: L2-normalise ARMT's key features phi(q), phi(k) per head, as the authors'
+            code does from August 2024 on (the paper's GPT-2 checkpoints predate it: False).
+        diagonal_batching: run inference (not training) with diagonal batching: every (layer, segment)
+            cell whose inputs are ready runs in one batched call; the same outputs up to float error.
+            ARMT only.
+        cls_token_id, sep_token_id, pad_token_id: the backbone tokenizer's special tokens.
+    """
+
+    model_type: ClassVar[str] = "rmt"
+    sub_configs: ClassVar[dict[str, type]] = {"text_config": AutoConfig}
+    # Trainer's predictions are the logits; the memory is state, not a prediction.
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["memory_state", "segments_mask", "segment_hidden_states"]
+
+    text_config: dict | PreTrainedConfig | None = None
+    num_mem_tokens: int = 10
+    segment_size: int = 499
+    max_n_segments: int | None = None
+    bptt_depth: int = -1
+    segment_alignment: str = "right"
+    segment_loss: str = "final"
+    memory_type: str = "rmt"
+    armt_d_mem: int = 64
+    armt_num_heads: int = 1
+    armt_correction: bool = True
+    armt_normalize_features: bool = False
+    diagonal_batching: bool = False
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        text_config_given = self.text_config is not None
+        self.text_config = _as_backbone_config(self.text_config)
+        backbone_attention = self.text_config._attn_implementation  # set on the backbone's config, if at all
+        if not text_config_given:  # the default backbone: bert-base-uncased's vocabulary
+            self.cls_token_id = 101 if self.cls_token_id is None else self.cls_token_id
+            self.sep_token_id = 102 if self.sep_token_id is None else self.sep_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = getattr(self.text_config, "pad_token_id", None)
+        labels_given = self.id2label is not None or "num_labels" in kwargs
+        if not labels_given:  # the backbone's head decides the labels
+            self.id2label = dict(self.text_config.id2label)
+            self.label2id = dict(self.text_config.label2id)
+            self.problem_type = self.problem_type or self.text_config.problem_type
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__post_init__(**kwargs)
+        if kwargs.get("attn_implementation") is None and backbone_attention is not None:
+            self._attn_implementation = backbone_attention  # kept unless this config names its own
+        if labels_given:  # labels given here are pushed down to the backbone's head
+            self.sync_labels_to_backbone()
+        self.validate_rmt()
+
+    def validate_rmt(self) -> None:
+        """Check every RMT setting against the backbone; raise ValueError naming the fix."""
+        family = self.text_config.model_type
+        if family not in ENCODER_FAMILIES and family not in DECODER_FAMILIES:
+            raise ValueError(
+                f"Backbone family {family!r} is not supported by RMT yet. Supported encoder families: "
+                f"{', '.join(sorted(ENCODER_FAMILIES))}; decoder families: {', '.join(sorted(DECODER_FAMILIES))}."
+            )
+        embedding_size = getattr(self.text_config, "embedding_size", None) or self.text_config.hidden_size
+        if embedding_size != self.text_config.hidden_size:
+            raise ValueError(
+                f"The {family} backbone embeds tokens in {embedding_size} dimensions but its layers output "
+                f"{self.text_config.hidden_size}; memory fed back as input needs embedding_size == hidden_size."
+            )
+        window = getattr(self.text_config, "sliding_window", None) if is_decoder_family(self.text_config) else None
+        if window is not None:
+            raise ValueError(
+                f"The {family} backbone uses sliding-window attention (sliding_window={window}), which RMT does "
+                "not support yet. Set text_config.sliding_window=None: exact whenever a segment "
+                f"({self.segment_size} + 2 x {self.num_mem_tokens} memory tokens) fits the window."
+            )
+        if self.memory_type not in MEMORY_TYPES:
+            raise ValueError(f"Unknown memory_type {self.memory_type!r}; choose one of {MEMORY_TYPES}.")
+        if self.memory_type == "armt":
+            self._validate_armt()
+        if self.diagonal_batching:
+            self._validate_diagonal()
+        if not isinstance(self.num_mem_tokens, int) or self.num_mem_tokens < 1:
+            raise ValueError(f"num_mem_tokens must be an integer >= 1, got {self.num_mem_tokens!r}.")
+        if not isinstance(self.segment_size, int) or self.segment_size < 1:
+            raise ValueError(f"segment_size must be an integer >= 1, got {self.segment_size!r}.")
+        if self.max_n_segments is not None and (not isinstance(self.max_n_segments, int) or self.max_n_segments < 1):
+            raise ValueError(f"max_n_segments must be None or an integer >= 1, got {self.max_n_segments!r}.")
+        if not isinstance(self.bptt_depth, int) or self.bptt_depth < -1:
+            raise ValueError(f"bptt_depth must be -1 (full) or an integer >= 0, got {self.bptt_depth!r}.")
+        if self.segment_alignment not in SEGMENT_ALIGNMENTS:
+            raise ValueError(
+                f"Unknown segment_alignment {self.segment_alignment!r}; choose one of {SEGMENT_ALIGNMENTS}."
+            )
+        if self.segment_loss not in SEGMENT_LOSSES:
+            raise ValueError(f"Unknown segment_loss {self.segment_loss!r}; choose one of {SEGMENT_LOSSES}.")
+        limit = backbone_position_limit(self.text_config)
+        needed = self.segment_input_length
+        if needed > limit:
+            overhead = segment_overhead(self.text_config, self.num_mem_tokens, self.memory_type)
+            raise ValueError(
+                f"A segment needs {needed} positions (segment_size {self.segment_size} + {overhead} for memory "
+                f"and special tokens) but the {family} backbone addresses at most {limit}. Use segment_size <= "
+                f"{limit - overhead}."
+            )
+        vocab = self.text_config.vocab_size
+        for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # some decoder configs list several ids
+                value = value[0] if value else None
+            if value is not None and not 0 <= value < vocab:
+                raise ValueError(f"{name}={value} is outside the backbone's vocabulary of {vocab} tokens.")
+
+    def _validate_armt(self) -> None:
+        heads, d_mem, hidden = self.armt_num_heads, self.armt_d_mem, self.text_config.hidden_size
+        if not isinstance(d_mem, int) or d_mem < 1:
+            raise ValueError(f"armt_d_mem must be an integer >= 1, got {d_mem!r}.")
+        if not isinstance(heads, int) or heads < 1 or d_mem % heads or hidden % heads:
+            raise ValueError(
+                f"armt_num_heads={heads!r} must be an integer >= 1 dividing both armt_d_mem ({d_mem}) and the "
+                f"backbone's hidden_size ({hidden})."
+            )
+
+    def _validate_diagonal(self) -> None:
+        if self.memory_type != "armt":
+            raise ValueError(
+                f"diagonal_batching needs a memory in every layer (memory_type='armt'); memory_type="
+                f"{self.memory_type!r} recurs from the last layer to the first, which has no diagonal. "
+                "Set diagonal_batching=False or memory_type='armt'."
+            )
+        family = self.text_config.model_type
+        if family not in DIAGONAL_FAMILIES:
+            raise ValueError(
+                f"diagonal_batching does not support the {family!r} backbone yet (supported: "
+                f"{', '.join(DIAGONAL_FAMILIES)}); set diagonal_batching=False to use the sequential loop."
+            )
+
+    def sync_labels_to_backbone(self) -> None:
+        """Give the backbone's head this config's labels (they may be set after construction)."""
+        if self.text_config.id2label != self.id2label:
+            self.text_config.id2label = dict(self.id2label)
+            self.text_config.label2id = dict(self.label2id)
+        self.text_config.problem_type = self.problem_type
+
+    @property
+    def segment_input_length(self) -> int:
+        """Positions one full segment occupies in the backbone."""
+        return self.segment_size + segment_overhead(self.text_config, self.num_mem_tokens, self.memory_type)
+
+
+__all__ = ["RMTConfig"]

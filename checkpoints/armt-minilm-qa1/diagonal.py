@@ -1,0 +1,264 @@
+"""Diagonal batching: exact long-input inference for layer-recurrent memory (ARMT).
+
+With a memory in every layer, cell (layer l, segment s) needs only (l - 1, s) and (l, s - 1). Step i
+therefore runs every cell (l, i - l) at once: L + S - 1 steps of one batched layer call instead of
+L * S calls, the same arithmetic in another order.
+
+The layers are the backbone's own code. A *grouped layer* is a copy of the first layer in which each
+module holding weights (linear, Conv1D, norms) is replaced by a `GroupedModule` that keeps the weights
+of all layers stacked and applies the right layer's weights to each cell with `torch.func.vmap`
+(batched matmuls); everything without weights (attention, rotary, activations) runs once on all
+cells folded into the batch. The backbone itself is used around the layers: its first ARMT layer
+captures the inputs the backbone gives its layers (embeddings, masks, rotary tables) for a segment,
+and once a segment has been through every layer the backbone is replayed with the layers returning
+that output, so final norms and heads are the backbone's own as well.
+
+The stacked copy of the layer weights is built on first use and rebuilt when weights change.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .memory import AssociativeMemory, LayerInputsCaptured, associative_read, associative_write
+
+
+class GroupedModule(nn.Module):
+    """One weight-holding module of a layer, run for several layers at once.
+
+    Inputs arrive with the cells folded into the batch, `[cells * rows, ...]`; they are split per
+    cell and each cell gets its own layer's weights (the `layers` of the current call) via vmap.
+    """
+
+    def __init__(self, template: nn.Module, stacked: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.template = [template]  # on the meta device; a list keeps it out of the module tree
+        self.stacked = stacked
+        self.layers: slice | torch.Tensor = slice(0, 0)
+        self.cells = 0
+
+    def forward(self, *args: Any) -> Any:
+        weights = {name: value[self.layers] for name, value in self.stacked.items()}
+        cells = self.cells
+        batched = [isinstance(a, torch.Tensor) and a.shape[0] % cells == 0 for a in args]
+        split = [a.unflatten(0, (cells, -1)) if b else a for a, b in zip(args, batched, strict=True)]
+        in_dims = (0, *[0 if b else None for b in batched])
+
+        def run(layer_weights: dict[str, torch.Tensor], *inputs: Any) -> Any:
+            return functional_call(self.template[0], layer_weights, inputs)
+
+        return vmap(run, in_dims=in_dims)(weights, *split).flatten(0, 1)
+
+
+class GroupedLayer:
+    """A copy of the backbone's layer whose weight-holding modules serve all layers at once."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        template = copy.deepcopy(layers[0]).to("meta")
+        self.grouped: list[GroupedModule] = []
+        paths: list[str] = []
+        for path, module in list(template.named_modules()):
+            holds = list(module.named_parameters(recurse=False)) or list(module.named_buffers(recurse=False))
+            if not holds or any(path.startswith(grouped + ".") for grouped in paths):
+                continue
+            if not path:
+                raise ValueError("The backbone's layer holds weights of its own; diagonal batching cannot group it.")
+            params, buffers = stack_module_state([layer.get_submodule(path) for layer in layers])
+            grouped = GroupedModule(module, {name: value.detach() for name, value in {**params, **buffers}.items()})
+            template.set_submodule(path, grouped)
+            paths.append(path)
+            self.grouped.append(grouped)
+        self.template = template
+
+    def __call__(self, layers: slice | torch.Tensor, cells: int, *args: Any, **kwargs: Any) -> Any:
+        for grouped in self.grouped:
+            grouped.layers, grouped.cells = layers, cells
+        return self.template(*args, **kwargs)
+
+
+class DiagonalExecutor:
+    """The grouped backbone layer and the stacked ARMT weights of one model (rebuilt when weights change)."""
+
+    def __init__(self, memory: AssociativeMemory) -> None:
+        self.memory = memory
+        self.key = self._weights_key()
+        layers = memory.layers
+        self.layer = GroupedLayer([layer.layer for layer in layers])
+        self.W_mq = torch.stack([layer.W_mq.weight for layer in layers]).detach()
+        self.write_weights = tuple(torch.stack([layer.write_weights[i] for layer in layers]).detach() for i in range(4))
+        self.num_heads, self.correction, self.normalize = layers[0].num_heads, layers[0].correction, layers[0].normalize
+
+    def _weights_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.dtype) for layer in self.memory.layers for p in layer.parameters())
+
+    def is_current(self) -> bool:
+        return self._weights_key() == self.key
+
+
+@dataclass
+class _SegmentWork:
+    """A segment on its way through the layers."""
+
+    segment: Any
+    args: tuple
+    kwargs: dict
+    memory_index: torch.Tensor
+    hidden: torch.Tensor  # input of the next layer
+    output: Any = None  # the last layer's output
+
+
+def _signature(value: Any) -> Any:
+    """What must agree for cells to share one batched call."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return (
+        "value",
+        type(value).__name__,
+        value if isinstance(value, (bool, int, float, str, type(None))) else id(value),
+    )
+
+
+def _merge(values: list[Any], rows: int) -> Any:
+    """One layer input for all cells: per-row tensors are concatenated along the batch, others shared."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() >= 2 and first.shape[0] in (1, rows):
+            return torch.cat([v.expand(rows, *v.shape[1:]) for v in values])
+        return first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_merge([v[i] for v in values], rows) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _merge([v[k] for v in values], rows) for k in first}
+    return first
+
+
+def _cell_slice(output: Any, cell: int, rows: int) -> Any:
+    """The part of a grouped layer's output that belongs to one cell."""
+    if isinstance(output, torch.Tensor):
+        return output[cell * rows : (cell + 1) * rows]
+    if isinstance(output, tuple):
+        return tuple(_cell_slice(part, cell, rows) for part in output)
+    return output
+
+
+def _executor(model: Any) -> DiagonalExecutor:
+    executor = model.__dict__.get("_diagonal_executor")
+    if executor is None or not executor.is_current():
+        executor = DiagonalExecutor(model.memory)
+        model.__dict__["_diagonal_executor"] = executor
+    return executor
+
+
+def diagonal_segments(model: Any, plan: Any, state: tuple, **backbone_kwargs: Any) -> Iterator[tuple]:
+    """The segment loop of `RMTPreTrainedModel._segments`, run diagonally.
+
+    Yields (segment, backbone outputs, memory) for every segment in order, as the sequential loop
+    does; the memory is only complete after the last segment (earlier yields carry None).
+    """
+    executor, memory = _executor(model), model.memory
+    num_layers, num_segments = len(memory.layers), plan.num_segments
+    A = list(state[0].unbind(1))  # per layer, [B, H, d_key/H, d_model/H]
+    z = list(state[1].unbind(1))
+    work: dict[int, _SegmentWork] = {}
+    for step in range(num_layers + num_segments - 1):
+        if step < num_segments:
+            work[step] = _capture(model, plan.segment(step), backbone_kwargs)
+        cells = [(layer, step - layer) for layer in range(num_layers) if 0 <= step - layer < num_segments]
+        groups: dict[Any, list[tuple[int, int]]] = {}
+        for layer, number in cells:
+            item = work[number]
+            key = (item.hidden.shape, _signature(item.args[1:]), _signature(item.kwargs))
+            groups.setdefault(key, []).append((layer, number))
+        for group in groups.values():
+            _run_cells(executor, work, group, A, z)
+        finished = step - num_layers + 1
+        if finished >= 0:
+            item = work.pop(finished)
+            last = finished == num_segments - 1
+            final = (torch.stack(A, dim=1), torch.stack(z, dim=1)) if last else None
+            yield item.segment, _replay(model, item, backbone_kwargs), final
+
+
+def _capture(model: Any, segment: Any, backbone_kwargs: dict) -> _SegmentWork:
+    """Run the backbone up to its first layer for `segment`; keep the inputs it gives the layers."""
+    memory, captured = model.memory, {}
+    memory.diagonal_mode = (captured, None)
+    try:
+        model._process_segment(segment, memory.init_state(segment.rows.numel()), **backbone_kwargs)
+    except LayerInputsCaptured:
+        pass
+    finally:
+        memory.diagonal_mode = (None, None)
+    if not captured:
+        raise RuntimeError("The backbone did not reach its first ARMT layer; diagonal batching cannot run it.")
+    args, kwargs = captured["args"], dict(captured["kwargs"])
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    return _SegmentWork(segment, (hidden, *args[1:]), kwargs, captured["memory_index"], hidden)
+
+
+def _replay(model: Any, item: _SegmentWork, backbone_kwargs: dict) -> Any:
+    """The backbone's outputs for a segment whose layers have all run: its layers return their result."""
+    memory = model.memory
+    memory.diagonal_mode = (None, item.output)
+    try:
+        outputs, _ = model._process_segment(
+            item.segment, memory.init_state(item.segment.rows.numel()), **backbone_kwargs
+        )
+    finally:
+        memory.diagonal_mode = (None, None)
+    if getattr(outputs, "hidden_states", None) is not None:  # the layers did not run: only the last state is known
+        last = item.output[0] if isinstance(item.output, tuple) else item.output
+        outputs["hidden_states"] = (last,)
+    return outputs
+
+
+def _run_cells(
+    executor: DiagonalExecutor,
+    work: dict[int, _SegmentWork],
+    group: list[tuple[int, int]],
+    A: list[torch.Tensor],
+    z: list[torch.Tensor],
+) -> None:
+    """One batched call: read, layer and write for cells (layer, segment) of the same shape."""
+    layer_numbers = [layer for layer, _ in group]
+    first = layer_numbers[0]
+    contiguous = layer_numbers == list(range(first, first + len(group)))
+    device = A[0].device
+    index = slice(first, first + len(group)) if contiguous else torch.tensor(layer_numbers, device=device)
+    items = [work[number] for _, number in group]
+    rows = [item.segment.rows.to(device) for item in items]
+    cells, width = len(group), items[0].hidden.shape[0]
+    A_cells = torch.stack([A[layer].index_select(0, r) for (layer, _), r in zip(group, rows, strict=True)])
+    z_cells = torch.stack([z[layer].index_select(0, r) for (layer, _), r in zip(group, rows, strict=True)])
+    hidden = torch.stack([item.hidden for item in items])  # [cells, rows, T, d]
+    read = associative_read(hidden, A_cells, z_cells, executor.W_mq[index], executor.num_heads, executor.normalize)
+    hidden = (hidden + read).flatten(0, 1)
+    args = _merge([item.args[1:] for item in items], width)
+    kwargs = _merge([item.kwargs for item in items], width)
+    output = executor.layer(index, cells, hidden, *args, **kwargs)
+    out_hidden = output[0] if isinstance(output, tuple) else output
+    memory_index = torch.stack([item.memory_index for item in items])
+    out_cells = out_hidden.unflatten(0, (cells, width))
+    memory_outputs = out_cells.gather(2, memory_index[..., None].expand(-1, -1, -1, out_cells.shape[-1]))
+    weights = tuple(w[index] for w in executor.write_weights)
+    new_A, new_z = associative_write(
+        A_cells, z_cells, memory_outputs, weights, executor.num_heads, executor.correction, executor.normalize
+    )
+    for cell, ((layer, _), item, r) in enumerate(zip(group, items, rows, strict=True)):
+        item.hidden = out_cells[cell]
+        if layer == len(A) - 1:
+            item.output = _cell_slice(output, cell, width)
+        full = r.numel() == A[layer].shape[0]
+        A[layer] = new_A[cell] if full else A[layer].index_copy(0, r, new_A[cell])
+        z[layer] = new_z[cell] if full else z[layer].index_copy(0, r, new_z[cell])

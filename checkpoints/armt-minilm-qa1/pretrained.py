@@ -1,0 +1,281 @@
+"""The base of every RMT model: building around a pretrained backbone, weight initialisation, and the
+segment recurrence (`RMTPreTrainedModel._segments`) that the heads in `modeling_rmt.py` run."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import initialization as init
+
+from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
+from .diagonal import diagonal_segments
+from .memory import AssociativeLayer, AssociativeMemory, MemoryState, TokenMemory, build_memory
+from .segmenting import Segment, SegmentPlan, plan_segments
+
+# Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
+HEAD_KWARGS = ("num_labels", "id2label", "label2id", "problem_type", "classifier_dropout")
+
+
+def scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Place the active documents' `values` into a zero tensor covering the whole batch."""
+    if rows.numel() == batch_size:
+        return values
+    full = values.new_zeros((batch_size, *values.shape[1:]))
+    return full.index_copy(0, rows, values)
+
+
+def loaded_backbone(backbone: nn.Module, tokenizer: Any, backbone_kwargs: dict[str, Any]) -> PreTrainedModel:
+    """A backbone given to `from_backbone` as a loaded model: plain (not already inside a memory), with a tokenizer."""
+    if isinstance(backbone, BaseModelHolder):  # an RMTModel's backbone
+        backbone = backbone.model
+    if not isinstance(backbone, PreTrainedModel):
+        raise ValueError(f"A loaded backbone must be a transformers PreTrainedModel, not {type(backbone).__name__}.")
+    if any(isinstance(module, AssociativeLayer) for module in backbone.modules()):
+        raise ValueError(
+            "This backbone's layers are already wrapped by an ARMT memory (an ARMT model's backbone, or one given "
+            "to `from_backbone` before: it wraps a loaded model's layers in place): give a plain model, e.g. the "
+            "backbone of an RMT-memory model or a freshly loaded one."
+        )
+    if tokenizer is None:
+        raise ValueError("A backbone given as a loaded model needs `tokenizer=` (its special tokens go in the config).")
+    if backbone_kwargs:
+        raise ValueError(
+            f"{sorted(backbone_kwargs)} configure or load a backbone given by name (head settings such as num_labels, "
+            "loading options such as dtype); a loaded model has them already: set them on it instead."
+        )
+    return backbone
+
+
+class BaseModelHolder(nn.Module):
+    """Holds a base model under its own prefix (e.g. `bert`), so its weights keep the keys they have
+    inside a task model: checkpoints of RMTModel and of the task heads load into each other."""
+
+    def __init__(self, base_model: PreTrainedModel) -> None:
+        super().__init__()
+        self.prefix = base_model.base_model_prefix
+        self.add_module(self.prefix, base_model)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return getattr(self, self.prefix)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+
+class RMTPreTrainedModel(PreTrainedModel):
+    """Shared machinery: building around a backbone, weight init and the segment recurrence."""
+
+    config_class = RMTConfig
+    config: RMTConfig
+    base_model_prefix = "rmt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _backbone_auto_class: Any = AutoModel
+    _hold_base_model = False  # keep a base-model backbone under its prefix (see BaseModelHolder)
+
+    def __init__(self, config: RMTConfig, backbone: PreTrainedModel | None = None) -> None:
+        if backbone is not None:  # the backbone's head decides the labels
+            config.text_config = backbone.config
+            config.id2label, config.label2id = dict(backbone.config.id2label), dict(backbone.config.label2id)
+        config.sync_labels_to_backbone()
+        config.validate_rmt()
+        super().__init__(config)
+        if backbone is None:
+            backbone = self._backbone_auto_class.from_config(
+                config.text_config, attn_implementation=config._attn_implementation
+            )
+        # One config object for wrapper and backbone, with an explicit attention implementation: a
+        # backbone left at None loses padding invariance on some versions.
+        config.text_config._attn_implementation = backbone.config._attn_implementation or "sdpa"
+        backbone.config = config.text_config
+        self._backbone_takes_token_types = "token_type_ids" in inspect.signature(backbone.forward).parameters
+        self.backbone = BaseModelHolder(backbone) if self._hold_base_model else backbone
+        self.memory = build_memory(config, backbone)  # ARMT wraps the backbone's layers
+        self._check_backbone(config)
+        self.post_init()
+
+    def _check_backbone(self, config: RMTConfig) -> None:
+        """Raise ValueError when this head cannot run on the configured backbone."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (TokenMemory, AssociativeMemory)):
+            init.normal_(module.memory_tokens, mean=0.0, std=self._initializer_range)
+
+    def release_diagonal_weights(self) -> None:
+        """Free the stacked copy of the layer weights that diagonal batching builds on first use (it is
+        rebuilt when needed again). `train()` frees it too: training never uses it."""
+        self.__dict__.pop("_diagonal_executor", None)
+
+    def train(self, mode: bool = True) -> RMTPreTrainedModel:
+        if mode:
+            self.release_diagonal_weights()
+        return super().train(mode)
+
+    @property
+    def _initializer_range(self) -> float:
+        return getattr(self.config.text_config, "initializer_range", 0.02)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """As transformers does, then ARMT's layer memories: they sit inside the backbone, whose own
+        `_init_weights` would treat them as ordinary linear layers. Loaded weights are left alone."""
+        super().initialize_weights()
+        for layer in getattr(self.memory, "layers", ()):
+            # queries and keys of unit scale whatever the width: the DPFP features are products of pairs
+            for weight in (layer.W_mq.weight, layer.W_mk.weight):
+                init.normal_(weight, mean=0.0, std=weight.shape[1] ** -0.5)
+            init.normal_(layer.W_mb.weight, mean=0.0, std=self._initializer_range)
+            init.zeros_(layer.W_mb.bias)
+            init.zeros_(layer.W_mv.weight)  # W_mv = 0: an untrained ARMT equals its backbone
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        pretrained_model_name_or_path: str | nn.Module,
+        *,
+        num_mem_tokens: int = 10,
+        segment_size: int | None = None,
+        tokenizer: Any = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
+    ) -> RMTPreTrainedModel:
+        """Wrap a pretrained backbone (a folder, a Hub id, or a loaded model) with memory, keeping its weights.
+        A loaded model becomes the new model's backbone in place: ARMT wraps its layers, and it moves to the
+        new model's device and dtype.
+
+        `segment_size` defaults to the largest that fits the backbone's positions. Special-token ids
+        come from `tokenizer` (or the backbone's own tokenizer). Head settings such as `num_labels`
+        and loading options in `backbone_kwargs` (e.g. `dtype`) go to the backbone.
+        """
+        backbone_kwargs = dict(backbone_kwargs or {})
+        for key in HEAD_KWARGS:
+            if key in config_kwargs:
+                backbone_kwargs[key] = config_kwargs.pop(key)
+        if config_kwargs.get("attn_implementation") is not None:  # the backbone runs the attention
+            backbone_kwargs.setdefault("attn_implementation", config_kwargs["attn_implementation"])
+        if isinstance(pretrained_model_name_or_path, nn.Module):
+            backbone = loaded_backbone(pretrained_model_name_or_path, tokenizer, backbone_kwargs)
+        else:
+            backbone = cls._backbone_auto_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path)
+        for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
+            config_kwargs.setdefault(name, getattr(tokenizer, name, None))
+        if segment_size is None:
+            overhead = segment_overhead(backbone.config, num_mem_tokens, config_kwargs.get("memory_type", "rmt"))
+            segment_size = backbone_position_limit(backbone.config) - overhead
+        config = RMTConfig(
+            text_config=backbone.config, num_mem_tokens=num_mem_tokens, segment_size=segment_size, **config_kwargs
+        )
+        model = cls(config, backbone=backbone)
+        embeddings = model.get_input_embeddings().weight
+        with torch.no_grad():  # memory starts at the scale of the pretrained token embeddings
+            model.memory.memory_tokens.normal_(0.0, float(embeddings.float().std()))
+        return model.to(device=embeddings.device, dtype=embeddings.dtype)
+
+    # ----- the recurrence -------------------------------------------------------------------------
+
+    _alignment: str | None = None  # None: config.segment_alignment
+
+    def _plan(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None
+    ) -> SegmentPlan:
+        if input_ids is None:
+            raise ValueError("input_ids are required: pass the tokenizer's output for whole documents.")
+        config = self.config
+        decoder = is_decoder_family(config.text_config)  # decoders keep every token, pad ids included
+        plan = plan_segments(
+            input_ids,
+            attention_mask,
+            token_type_ids if self._backbone_takes_token_types else None,
+            segment_size=config.segment_size,
+            cls_token_id=None if decoder else config.cls_token_id,
+            sep_token_id=None if decoder else config.sep_token_id,
+            pad_token_id=config.pad_token_id,
+            alignment=self._alignment or config.segment_alignment,
+            padding_needs_mask=not decoder,
+        )
+        if decoder and plan.compacted:  # logits and the KV cache follow the input's own columns
+            raise ValueError("The attention_mask has holes inside a sequence; pass contiguous sequences.")
+        cap = config.max_n_segments
+        if cap is not None and self.training and torch.is_grad_enabled() and plan.num_segments > cap:
+            raise ValueError(
+                f"A training document needs {plan.num_segments} segments but config.max_n_segments is {cap}; "
+                "shorten the training documents or raise max_n_segments (inference has no cap)."
+            )
+        return plan
+
+    def _segments(
+        self, plan: SegmentPlan, memory_state: MemoryState | None, **backbone_kwargs: Any
+    ) -> Iterator[tuple[Segment, Any, MemoryState]]:
+        """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
+        memory, steps = self.memory, plan.num_segments
+        state = self._initial_state(plan.batch_size, memory_state)
+        # Diagonal batching serves inference: with gradients on (training, or probing a model in eval mode)
+        # the sequential loop runs, so that gradients reach every weight.
+        if self.config.diagonal_batching and not self.training and not torch.is_grad_enabled():
+            yield from diagonal_segments(self, plan, state, **backbone_kwargs)
+            return
+        first_step = plan.grid_offset // plan.segment_size
+        for step in range(steps):
+            segment = plan.segment(step)
+            if 0 <= self.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
+                state = memory.detach(state, first_step <= step)  # of documents that have started
+            current = memory.select(state, segment.rows)
+            outputs, written = self._process_segment(segment, current, **backbone_kwargs)
+            state = memory.update(state, segment.rows, memory.write(current, written))
+            yield segment, outputs, state
+
+    def _run_backbone(
+        self, module: nn.Module, state: MemoryState, memory_index: torch.Tensor, **backbone_inputs: Any
+    ) -> tuple:
+        """Call `module` (the backbone or its base model) with the memory attached; returns (outputs,
+        what the memory positions wrote)."""
+        with self.memory.reading(state, memory_index) as recording:
+            outputs = module(**backbone_inputs)
+        hidden = outputs.last_hidden_state if "last_hidden_state" in outputs else (outputs.hidden_states or [None])[-1]
+        return outputs, self.memory.collect(recording, hidden, memory_index)
+
+    def _initial_state(self, batch_size: int, memory_state: MemoryState | None) -> MemoryState:
+        if memory_state is None:
+            return self.memory.init_state(batch_size)
+        self.memory.check_state(memory_state, batch_size)
+        return memory_state
+
+    def _read(self, plan: SegmentPlan, memory_state: MemoryState | None) -> MemoryState:
+        """The memory after reading every segment of `plan` (outputs are discarded)."""
+        final = self._initial_state(plan.batch_size, memory_state)
+        for _, _, state in self._segments(plan, final):
+            final = state
+        return final
+
+    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
+        """Run one segment reading memory `state`; return (outputs, what the memory positions wrote)."""
+        raise NotImplementedError
