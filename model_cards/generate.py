@@ -258,16 +258,14 @@ def _training(results: dict[str, Any]) -> str:
 def _training_lines(training: dict[str, Any]) -> list[str]:
     """The recipe of one training run; a run started from another's weights lists that one first."""
     lines: list[str] = []
-    previous = training.get("initialised_from")
-    started = "its backbone (its memory left behind) under a new memory" if training.get("new_memory") else (
-        "its final weights")  # fmt: skip
+    previous, new_memory = training.get("initialised_from"), training.get("new_memory", False)
     if previous is not None and "command" in previous:
+        started = "its backbone (its memory left behind) under a new memory" if new_memory else "its final weights"
         lines += [f"First, the run `{previous['name']}`:", "", *_training_lines(previous), ""]
         lines += [f"Then a second run, starting from {started}:", ""]
     elif previous is not None:
-        source = "the backbone of" if training.get("new_memory") else "the weights of"
-        lines += [f"Started from {source} `{previous['name']}` (its recipe is in its own card)"
-                  + (", under a new memory." if training.get("new_memory") else "."), ""]  # fmt: skip
+        kept, memory = ("the backbone of", ", under a new memory") if new_memory else ("the weights of", "")
+        lines += [f"Started from {kept} `{previous['name']}` (its recipe is in its own card){memory}.", ""]
     tasks = ", ".join(
         f"`{t}` ({TASK_DESCRIPTIONS[t]})" if t in TASK_DESCRIPTIONS else f"`{t}`" for t in training["tasks"]
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_rmt import CAUSAL_ENCODER_FAMILIES, RMTConfig, is_decoder_family
 from .generation import (
@@ -219,12 +219,10 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         """Wrap a pretrained decoder with memory, keeping its weights (see `RMTPreTrainedModel.from_backbone`).
         An encoder of `CAUSAL_ENCODER_FAMILIES` (BERT) is loaded as a decoder: `is_decoder=True`."""
         backbone_kwargs = dict(kwargs.pop("backbone_kwargs", None) or {})
-        if isinstance(pretrained_model_name_or_path, PreTrainedModel):
-            loaded = pretrained_model_name_or_path.config
-            if loaded.model_type in CAUSAL_ENCODER_FAMILIES and not loaded.is_decoder:
+        if isinstance(pretrained_model_name_or_path, nn.Module):  # loaded: checked, not reloaded as a decoder
+            loaded = getattr(pretrained_model_name_or_path, "config", None)
+            if loaded is not None and loaded.model_type in CAUSAL_ENCODER_FAMILIES and not loaded.is_decoder:
                 raise ValueError(f"This loaded {loaded.model_type} is an encoder: load it with is_decoder=True.")
-        elif isinstance(pretrained_model_name_or_path, nn.Module):
-            pass  # not a transformers model: `RMTPreTrainedModel.from_backbone` says so
         elif AutoConfig.from_pretrained(pretrained_model_name_or_path).model_type in CAUSAL_ENCODER_FAMILIES:
             backbone_kwargs.setdefault("is_decoder", True)
         return super().from_backbone(pretrained_model_name_or_path, backbone_kwargs=backbone_kwargs, **kwargs)

@@ -40,10 +40,8 @@ def read_run(folder: str | Path) -> dict[str, Any]:
     for key, file in RUN_FILES.items():
         if (folder / file).is_file():
             record[key] = json.loads((folder / file).read_text())
-    base_model = card_base_model(folder / "README.md")
-    if "settings" not in record and base_model:
-        record["base_model"] = base_model
-    return record
+    base_model = None if "settings" in record else card_base_model(folder / "README.md")
+    return record | ({"base_model": base_model} if base_model else {})
 
 
 def card_base_model(card: Path) -> str | None:
