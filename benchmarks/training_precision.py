@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from modeling_rmt import RMTForCausalLM
 from modeling_rmt.tools.backbones import minilm_path
+from modeling_rmt.tools.hardware import cpu_bfloat16_is_fast, cpu_capability
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -77,9 +78,15 @@ def main() -> None:
             times[bf16].append(time.perf_counter() - start)
 
     fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
+    cpu = (
+        {"cpu_capability": cpu_capability(), "cpu_bfloat16_fast": cpu_bfloat16_is_fast()}
+        if args.device == "cpu"
+        else {}
+    )
     result = {
         "device": args.device, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "batch": args.batch, "segments": args.segments, "segment": args.segment,
+        "threads": torch.get_num_threads(), **cpu,
+        "batch": args.batch, "segments": args.segments, "segment": args.segment,
         "float32_step_s": times[False], "bfloat16_step_s": times[True], "speedup_median": fp32 / bf16,
         "loss_float32": losses[False], "loss_bfloat16": losses[True],
     }  # fmt: skip

@@ -107,6 +107,7 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     assert (resumed / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.filterwarnings("ignore:--bf16 on a CPU without AVX512")
 def test_a_run_resumed_in_bf16_records_each_parts_precision_for_its_card(tiny_backbone, tmp_path):
     from model_cards.generate import describe_parts
 

@@ -23,11 +23,14 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from modeling_rmt.tools.hardware import slow_bfloat16_warning
 
 from .babilong import babilong_correct
 from .decoder import ANSWER_RESERVE, end_token_id, pad_token_id
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repo-id", default=None, help="with --run: the Hub repo id (default: ORG/NAME)")
     parser.add_argument("--hardware", default="unspecified", help="with --run: what it trained on")
     args = parser.parse_args(argv)
+    if args.dtype == "bfloat16" and (warning := slow_bfloat16_warning(args.device, "--dtype bfloat16")):
+        warnings.warn(warning, stacklevel=2)
     if len(args.samples) not in (1, len(args.segments)):
         parser.error("--samples takes one count or one per --segments value")
     samples = args.samples * len(args.segments) if len(args.samples) == 1 else args.samples

@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +42,7 @@ from transformers import (
 from conversion.from_backbone import long_document_tokenizer
 from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
+from modeling_rmt.tools.hardware import slow_bfloat16_warning
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import (
@@ -287,6 +289,9 @@ def build_model(
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what the Trainer will use
+    if args.bf16 and (warning := slow_bfloat16_warning(device, "--bf16")):
+        warnings.warn(warning, stacklevel=2)
     decoder = args.head == "causal-lm"
     if args.init_from and (args.backbone or args.decoder_preset):
         raise SystemExit("--init-from starts from a trained RMT model: leave out --backbone and --decoder-preset.")

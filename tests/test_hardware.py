@@ -1,0 +1,56 @@
+"""bfloat16 on a CPU that emulates it: the training and evaluation commands say so before they start."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from modeling_rmt.tools import hardware
+from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+from modeling_rmt.training.train import main as train_main
+
+
+@pytest.fixture
+def emulating_cpu(monkeypatch):
+    """This CPU as one without bfloat16 matrix units, whatever the machine running the tests has."""
+    monkeypatch.setattr(hardware, "cpu_bfloat16_is_fast", lambda: False)
+
+
+def test_the_warning_names_the_flag_and_the_fix_on_an_emulating_cpu_only(emulating_cpu, monkeypatch):
+    warning = hardware.slow_bfloat16_warning("cpu", "--bf16")
+    assert warning is not None
+    assert "--bf16" in warning and "leave out --bf16" in warning and hardware.cpu_capability() in warning
+    assert hardware.slow_bfloat16_warning("cuda", "--bf16") is None
+    assert hardware.slow_bfloat16_warning("cuda:0", "--bf16") is None
+    monkeypatch.setattr(hardware, "cpu_bfloat16_is_fast", lambda: True)
+    assert hardware.slow_bfloat16_warning("cpu", "--bf16") is None
+
+
+def test_the_check_agrees_with_onednn_where_torch_has_it():
+    onednn = getattr(__import__("torch").ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if onednn is None:
+        pytest.skip("this torch build has no oneDNN bfloat16 check")
+    assert hardware.cpu_bfloat16_is_fast() is bool(onednn())
+
+
+def test_train_warns_about_bf16_before_anything_else(emulating_cpu, tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (tmp_path / "run" / "final").mkdir(parents=True)  # a finished run: the command stops after its checks
+    command = ["--output-dir", str(tmp_path / "run")]
+    with pytest.warns(UserWarning, match="leave out --bf16"), pytest.raises(SystemExit, match="has finished"):
+        train_main([*command, "--bf16"])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(SystemExit, match="has finished"):
+        warnings.simplefilter("always")
+        train_main(command)
+    assert not [w for w in seen if "bfloat16" in str(w.message)]
+
+
+def test_evaluate_lengths_warns_about_bfloat16_on_the_cpu_only(emulating_cpu, tmp_path):
+    command = ["no-checkpoint", "--results", str(tmp_path / "r.json"), "--segments", "1", "--samples", "1", "2"]
+    with pytest.warns(UserWarning, match="leave out --dtype bfloat16"), pytest.raises(SystemExit):
+        evaluate_main([*command, "--dtype", "bfloat16", "--device", "cpu"])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        evaluate_main([*command, "--dtype", "bfloat16", "--device", "cuda"])
+    assert not [w for w in seen if "bfloat16" in str(w.message)]
