@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 from modeling_rmt.tools import hardware
 from modeling_rmt.training.evaluate_lengths import main as evaluate_main
@@ -13,7 +14,7 @@ from modeling_rmt.training.train import main as train_main
 
 @pytest.fixture
 def emulating_cpu(monkeypatch):
-    """This CPU as one without bfloat16 matrix units, whatever the machine running the tests has."""
+    """This CPU as one without oneDNN bfloat16 kernels, whatever the machine running the tests has."""
     monkeypatch.setattr(hardware, "cpu_bfloat16_is_fast", lambda: False)
 
 
@@ -28,7 +29,7 @@ def test_the_warning_names_the_flag_and_the_fix_on_an_emulating_cpu_only(emulati
 
 
 def test_the_check_agrees_with_onednn_where_torch_has_it():
-    onednn = getattr(__import__("torch").ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    onednn = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     if onednn is None:
         pytest.skip("this torch build has no oneDNN bfloat16 check")
     assert hardware.cpu_bfloat16_is_fast() is bool(onednn())
