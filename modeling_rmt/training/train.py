@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> Path:
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=5.0,
         eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, logging_steps=args.logging_steps, report_to=[], seed=args.seed, bf16=args.bf16,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=args.no_progress, dataloader_num_workers=0,
+        use_cpu=device == "cpu", disable_tqdm=args.no_progress, dataloader_num_workers=0,
         remove_unused_columns=False, ddp_find_unused_parameters=False, train_sampling_strategy="sequential",
     )  # fmt: skip
     clock = RunClock(last, "bfloat16 mixed precision" if args.bf16 else "float32")
