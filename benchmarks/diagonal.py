@@ -41,21 +41,22 @@ def build(args: argparse.Namespace, variant: str, length: int) -> torch.nn.Modul
         "llama", **PRESETS[args.preset], max_position_embeddings=max(length, 4096), tie_word_embeddings=False
     )
     torch.manual_seed(0)
-    if variant == "full-attention":
-        model = AutoModelForCausalLM.from_config(text_config, dtype=dtype, attn_implementation="sdpa")
-    else:
-        config = RMTConfig(
-            text_config=text_config,
-            num_mem_tokens=args.memory,
-            segment_size=args.segment,
-            memory_type="armt",
-            armt_d_mem=args.d_mem,
-            diagonal_batching=variant == "diagonal",
-        )
-        model = RMTForCausalLM(config).to(dtype)
-        with torch.no_grad():  # a memory that is written, as after training
-            for layer in model.memory.layers:
-                layer.W_mv.weight.normal_(0.0, 0.02)
+    with torch.device(args.device):  # random initialisation where the model runs (fast for a 1B model on a GPU)
+        if variant == "full-attention":
+            model = AutoModelForCausalLM.from_config(text_config, dtype=dtype, attn_implementation="sdpa")
+        else:
+            config = RMTConfig(
+                text_config=text_config,
+                num_mem_tokens=args.memory,
+                segment_size=args.segment,
+                memory_type="armt",
+                armt_d_mem=args.d_mem,
+                diagonal_batching=variant == "diagonal",
+            )
+            model = RMTForCausalLM(config).to(dtype)
+            with torch.no_grad():  # a memory that is written, as after training
+                for layer in model.memory.layers:
+                    layer.W_mv.weight.normal_(0.0, 0.02)
     return model.to(args.device).eval()
 
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--full-attention-max", type=int, default=16384, help="longest input for the full backbone")
+    parser.add_argument("--child-timeout", type=float, default=None, help="seconds one measurement may take")
     parser.add_argument("--output", default="benchmarks/results/diagonal_cpu.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -114,16 +116,33 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure_one(args)))
         return
-    rows = []
+    rows: list[dict] = []
     for length in args.lengths:
         variants = [v for v in VARIANTS if v != "full-attention" or length <= args.full_attention_max]
         for variant in variants:
-            done = subprocess.run(child_command(args, variant, length), capture_output=True, text=True)
-            if done.returncode != 0:
-                rows.append({"variant": variant, "length": length, "error": done.stderr.strip().splitlines()[-1]})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(run_child(args, variant, length))
             print(json.dumps(rows[-1]), flush=True)
+            write_results(args, rows)  # after every row, so a run cut short keeps what it measured
+    for entry in write_results(args, rows):
+        print(json.dumps(entry))
+
+
+def run_child(args: argparse.Namespace, variant: str, length: int) -> dict:
+    """One measurement in a fresh process; a failure or a timeout becomes a row with the reason."""
+    try:
+        done = subprocess.run(
+            child_command(args, variant, length), capture_output=True, text=True, timeout=args.child_timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"variant": variant, "length": length, "error": f"timed out after {args.child_timeout:.0f} s"}
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return {"variant": variant, "length": length, "error": lines[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_results(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Write the rows and the speed-ups measured so far to `--output`; return the speed-ups."""
     summary = []
     for length in args.lengths:
         by_variant = {r["variant"]: r for r in rows if r["length"] == length and "seconds" in r}
@@ -135,7 +154,6 @@ def main() -> None:
                     by_variant["full-attention"]["seconds"] / by_variant["diagonal"]["seconds"]
                 )
             summary.append(entry)
-            print(json.dumps(entry))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     setting = {k: v for k, v in vars(args).items() if k not in ("child", "variant", "length", "output")}
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -143,6 +161,7 @@ def main() -> None:
         machine["gpu"] = torch.cuda.get_device_name()
     Path(args.output).write_text(json.dumps({"setting": setting, "machine": machine, "rows": rows,
                                              "summary": summary}, indent=2))  # fmt: skip
+    return summary
 
 
 if __name__ == "__main__":
