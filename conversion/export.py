@@ -6,8 +6,11 @@
 The folder gets exactly what the Hub repo needs: `config.json` (with `auto_map`), the current model
 code copied from the installed `modeling_rmt` package (`HUB_FILES`), safetensors weights (cast to
 `--dtype` if given), the tokenizer (accepting whole documents), `README.md` (the `--card`, with the
-images it links beside it, or a minimal card) and, for causal LMs, `generation_config.json`. Optimizer
-and scheduler states, rng states, training arguments and logs are left behind.
+images it links beside it, or a minimal card), `card_results.json` (the results JSON the card was
+generated from, `model_cards/NAME.json` beside `--card NAME.md`, where there is one: measured accuracy and the
+training recipe, machine-readable; a run started `--init-from` this folder takes its recipe from there) and,
+for causal LMs, `generation_config.json`. Optimizer and scheduler states, rng states, training arguments and
+logs are left behind.
 
 An existing non-empty OUT_DIR is refused; `--overwrite` replaces it only when it holds an earlier
 export (recognised by the `.rmt-export.json` marker every export writes, which is never uploaded) and
@@ -58,11 +61,14 @@ WEIGHT_FILES = (
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "*.model")
 # Written into every export: what `--overwrite` requires before it replaces a folder. Not uploaded.
 EXPORT_MARKER = ".rmt-export.json"
+# The results JSON a card was generated from, shipped beside it (`model_cards/NAME.json` for `NAME.md`).
+CARD_RESULTS = "card_results.json"
 # Every name an export may hold: what `--overwrite` accepts to replace, and all an export writes.
 EXPORT_PATTERNS = (
     "config.json", "generation_config.json", "README.md", *HUB_FILES, "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
-    "merges.txt", "*.model", "chat_template.*", "*.png", "*.jpg", "*.jpeg", "*.svg", "*.gif", EXPORT_MARKER,
+    "merges.txt", "*.model", "chat_template.*", "*.png", "*.jpg", "*.jpeg", "*.svg", "*.gif", CARD_RESULTS,
+    EXPORT_MARKER,
 )  # fmt: skip
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
@@ -205,9 +211,19 @@ def minimal_card(repo_id: str, architecture: str) -> str:
 
 
 def _copy_card(card: Path, staging: Path) -> None:
-    """README.md from `card`, with the local images it links (same folder) beside it."""
+    """README.md from `card`, with the local images it links (same folder) beside it, and the results JSON
+    it was generated from (`NAME.json` beside `NAME.md`) as `CARD_RESULTS`."""
     text = card.read_text()
     (staging / "README.md").write_text(text)
+    results = card.with_suffix(".json")
+    if results.is_file():
+        try:
+            parsed = json.loads(results.read_text())
+        except json.JSONDecodeError as error:
+            raise ExportError(f"{results} (the card's results) is not valid JSON: {error}; fix or move it") from None
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("training", {}), dict):
+            raise ExportError(f"{results} is not a card's results JSON (an object with a training block)")
+        shutil.copyfile(results, staging / CARD_RESULTS)
     for link in dict.fromkeys(IMAGE_LINK.findall(text)):
         if "://" in link or link.startswith(("/", "data:")):
             continue

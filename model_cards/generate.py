@@ -224,9 +224,11 @@ def _usage(results: dict[str, Any]) -> str:
             'inputs = tokenizer(long_prompt, return_tensors="pt")\n'
             "output = model.generate(**inputs, max_new_tokens=100)  # memory keeps being written while decoding\n"
             "print(tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))\n\n"
-            "# or, with a pipeline (the prompt is read whole, segment by segment):\n"
+            "# or, with a pipeline (the prompt is read whole, segment by segment; the pipeline samples\n"
+            "# unless told not to):\n"
             f'generator = pipeline("text-generation", model="{repo}", trust_remote_code=True)\n'
-            'generator(long_prompt, max_new_tokens=100, return_full_text=False)[0]["generated_text"]\n```'
+            "answer = generator(long_prompt, max_new_tokens=100, do_sample=False, return_full_text=False)\n"
+            'print(answer[0]["generated_text"])\n```'
         )
     return (
         "```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline\n\n"

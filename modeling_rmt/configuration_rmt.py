@@ -82,7 +82,8 @@ class RMTConfig(PreTrainedConfig):
         max_n_segments: the most segments a document may have in training (inference is unbounded);
             `None` for no cap.
         bptt_depth: gradients cross at most this many memory transitions back from the last segment;
-            -1 for full backpropagation through time.
+            -1 for full backpropagation through time. The learned initial memory is never cut off: it
+            gets the gradient of every segment within reach that reads it (a decoder's first segment).
         segment_alignment: "right" (the authors' default: the last segment is full, a short first
             segment is padded) or "left" (the first segment is full, the last is short).
         segment_loss: "final" (loss on the last segment's logits) or "mean" (mean over each

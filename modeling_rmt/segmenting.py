@@ -112,6 +112,10 @@ def plan_segments(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}.")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids of shape {tuple(input_ids.shape)} hold no tokens: pass at least one document with text."
+        )
     if attention_mask is None:
         if padding_needs_mask and pad_token_id is not None and bool((input_ids == pad_token_id).any()):
             raise ValueError(

@@ -262,6 +262,16 @@ def test_save_and_load_keep_the_layout_of_the_armt_release(tmp_path):
     batch = encode(random_documents([20]))
     with torch.no_grad():
         assert torch.equal(classifier(**batch).logits, loaded(**batch).logits)
+    # another memory_type on loading would leave the backbone's layers random: refused, naming the way
+    with pytest.raises(ValueError, match=r"another memory_type .*RMTForCausalLM.from_backbone\(model.backbone"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "lm", memory_type="rmt")
+    tiny_lm("llama").save_pretrained(tmp_path / "rmt")
+    with pytest.raises(ValueError, match=r"backbone.model.layers.0.input_layernorm.weight\) are saved under"):
+        RMTForCausalLM.from_pretrained(tmp_path / "rmt", memory_type="armt")
+    with pytest.raises(ValueError, match="RMTForSequenceClassification.from_backbone"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls", memory_type="rmt")
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", output_loading_info=True)
+    assert isinstance(again, RMTForCausalLM) and not info["missing_keys"] and not info["unexpected_keys"]
 
 
 def test_clear_errors():

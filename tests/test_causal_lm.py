@@ -179,6 +179,25 @@ def test_loss_over_the_last_logits_only_equals_the_full_loss_and_names_a_short_w
         model(input_ids=ids, attention_mask=mask, labels=labels, logits_to_keep=7)
 
 
+@pytest.mark.parametrize("depth", [0, 1])
+def test_truncated_bptt_still_trains_the_initial_memory_through_the_first_segments_loss(depth):
+    model = tiny_lm(bptt_depth=depth)  # eval mode: no dropout; gradients still flow
+    document = prompts([3 * SEGMENT])[0][None]  # three full segments
+
+    def memory_gradient(labels: torch.Tensor, depth: int) -> torch.Tensor:
+        model.zero_grad()
+        model.config.bptt_depth = depth
+        model(input_ids=document, labels=labels).loss.backward()
+        return model.memory.memory_tokens.grad.clone()
+
+    truncated = memory_gradient(document, depth)
+    first_segments_own = document.clone()
+    first_segments_own[:, SEGMENT + 1 :] = -100  # the SEGMENT predictions made inside segment 0
+    reference = memory_gradient(first_segments_own, -1) * SEGMENT / (3 * SEGMENT - 1)  # a mean over all tokens
+    assert truncated.abs().sum() > 0
+    torch.testing.assert_close(truncated, reference, atol=1e-7, rtol=1e-4)
+
+
 def test_right_padded_training_batch_equals_each_sequence_alone():
     model = tiny_lm("llama")
     sequences = prompts([14, 6])
@@ -213,6 +232,15 @@ def test_clear_errors_for_bad_input():
         model.generate(**right, max_new_tokens=3, pad_token_id=0)
     with pytest.raises(ValueError, match="labels have shape"):
         model(input_ids=batch["input_ids"], labels=batch["input_ids"][:, :-1])
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 5, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"hold no tokens: pass at least one document"):
+            model(input_ids=empty)
+    with pytest.raises(ValueError, match="The prompt is empty"):
+        model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3, pad_token_id=0)
+    no_tokens = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].clone()}
+    no_tokens["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match=r"Prompt\(s\) at batch index \[1\] have no tokens"):
+        model.generate(**no_tokens, max_new_tokens=3, pad_token_id=0)
     with pytest.raises(TypeError, match="inputs_embed"):  # an unsupported argument is named, never swallowed
         model(input_ids=batch["input_ids"], inputs_embed=torch.zeros(2, 9, 32))
     with pytest.raises(ValueError, match="token_type_ids"):
@@ -321,6 +349,11 @@ def test_conversion_of_a_decoder_backbone_keeps_its_weights(tmp_path):
     assert stat.S_IMODE((tmp_path / "rmt").stat().st_mode) == 0o777 & ~umask  # as a folder made by mkdir
     eager = RMTForCausalLM.from_backbone(str(tmp_path / "backbone"), num_mem_tokens=4, attn_implementation="eager")
     assert eager.config._attn_implementation == eager.backbone.config._attn_implementation == "eager"
+    half = RMTForCausalLM.from_backbone(str(tmp_path / "backbone"), num_mem_tokens=4, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # a loading option, as for from_pretrained
+    assert half.config.dtype == half.backbone.config.dtype == torch.bfloat16
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(half.backbone.state_dict()[key], value.bfloat16()), key
 
 
 @pytest.mark.parametrize("batch_size, accumulation", [(2, 4)])

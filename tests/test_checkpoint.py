@@ -52,6 +52,14 @@ def test_the_folder_is_hub_ready_float16_and_under_60_mb(name):
 
 
 @pytest.mark.parametrize("name", COMMITTED)
+def test_its_card_and_card_results_are_the_current_ones(name):
+    cards = Path(__file__).resolve().parents[1] / "model_cards"
+    assert (CHECKPOINTS / name / "README.md").read_text() == (cards / f"{name}.md").read_text(), "re-export"
+    shipped = json.loads((CHECKPOINTS / name / "card_results.json").read_text())
+    assert shipped == json.loads((cards / f"{name}.json").read_text()), "re-export: the card's results changed"
+
+
+@pytest.mark.parametrize("name", COMMITTED)
 def test_its_model_code_is_the_current_code(name):
     package = Path(__file__).resolve().parents[1] / "modeling_rmt"
     for file in HUB_FILES:

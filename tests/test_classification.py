@@ -84,7 +84,13 @@ def test_bptt_depth_cuts_gradients_exactly(depth):
             assert gradient > 0, f"segment {step} is within {depth} transitions"
         else:
             assert gradient == 0, f"segment {step} is {transitions} transitions back"
-    assert model.memory.memory_tokens.grad is None  # the initial memory enters 5 transitions back
+    assert model.memory.memory_tokens.grad is None  # only the final loss: segment 0 is out of reach
+
+
+def test_bptt_depth_of_segments_minus_one_reaches_the_learned_initial_memory():
+    model = tiny_classifier("bert", bptt_depth=4, num_labels=3).train()  # 5 segments: 4 transitions
+    model(**encode(random_documents([40])), labels=torch.tensor([1])).loss.backward()
+    assert model.memory.memory_tokens.grad.abs().sum() > 0  # the learned start is a parameter, never cut
 
 
 @pytest.mark.parametrize("depth", [-1, 1])

@@ -192,6 +192,21 @@ def test_upload_creates_the_repo_and_uploads_the_folder_with_the_card(checkpoint
     assert "uploaded" in capsys.readouterr().out
 
 
+def test_the_cards_results_json_travels_beside_it_and_a_broken_one_is_refused(checkpoint, tmp_path):
+    card = tmp_path / "cards" / "rmt-tiny.md"
+    card.parent.mkdir()
+    card.write_text("# rmt-tiny\n")
+    results = {"name": "rmt-tiny", "training": {"tasks": ["qa1"], "steps": 3}, "evaluation": []}
+    card.with_suffix(".json").write_text(json.dumps(results))
+    out = export_checkpoint(checkpoint, tmp_path / "out", card=card)
+    assert {p.name for p in out.iterdir()} == EXPORTED | {"card_results.json"}
+    assert json.loads((out / "card_results.json").read_text()) == results
+    card.with_suffix(".json").write_text('{"name": "rmt-tiny", "training": ')
+    with pytest.raises(ExportError, match=r"rmt-tiny.json \(the card's results\) is not valid JSON"):
+        export_checkpoint(checkpoint, tmp_path / "out", card=card, overwrite=True)
+    assert json.loads((out / "card_results.json").read_text()) == results  # the earlier export is kept
+
+
 def test_command_line_errors_are_clear(checkpoint, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")

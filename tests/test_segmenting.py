@@ -79,6 +79,13 @@ def test_empty_document_is_an_error_naming_it():
         plan(batch)
 
 
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5)])
+def test_a_batch_without_tokens_is_an_error(shape):
+    with pytest.raises(ValueError, match=rf"input_ids of shape \({shape[0]}, {shape[1]}\) hold no tokens"):
+        empty = torch.zeros(shape, dtype=torch.long)
+        plan({"input_ids": empty, "attention_mask": empty})
+
+
 def test_mismatched_mask_shape_is_an_error():
     batch = encode(random_documents([4]))
     with pytest.raises(ValueError, match="attention_mask shape"):

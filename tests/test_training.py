@@ -404,6 +404,36 @@ def test_a_run_started_from_an_exported_checkpoint_takes_its_base_model_from_its
     assert read_run(exported) == {"name": "rmt-exported", "config": {}, "base_model": "org/backbone"}
 
 
+def test_a_run_started_from_an_exported_checkpoint_shows_the_recipe_its_export_ships(tmp_path):
+    from model_cards.generate import render_card
+    from modeling_rmt.training.run_record import describe_run, read_run
+
+    exported = tmp_path / "rmt-minilm-qa1"  # an export made with --card model_cards/rmt-minilm-qa1.md
+    exported.mkdir()
+    (exported / "config.json").write_text("{}")
+    shipped = json.loads((REPO / "model_cards" / "rmt-minilm-qa1.json").read_text())
+    (exported / "card_results.json").write_text(json.dumps(shipped))
+    lineage = read_run(exported)
+    assert lineage["card"] == shipped and "base_model" not in lineage  # no README.md here
+    record = {
+        "settings": {"head": "causal-lm", "init_from": str(exported), "tasks": ["qa1"], "noise": "gutenberg",
+                     "lr": 3e-5, "batch_size": 8, "grad_accum": 2, "output_dir": "runs/rmt-long"},
+        "curriculum": {"stages": [32], "stage": 0, "best": 0.97, "advance_at": 0.99, "history": []},
+        "config": {"architectures": ["RMTForCausalLM"], "memory_type": "rmt", "num_mem_tokens": 10,
+                   "segment_size": 128},
+        "history": [{"step": 40, "train_runtime": 3600.0}],
+        "lineage": lineage,
+    }  # fmt: skip
+    results = describe_run(record, "rmt-long", "org/rmt-long", "2 CPU cores")
+    assert results["training"]["initialised_from"] == {"name": "rmt-minilm-qa1", **shipped["training"]}
+    assert results["base_model"] == shipped["base_model"]  # the first run's, from its results
+    assert "--init-from rmt-minilm-qa1 " in results["training"]["command"]
+    results |= {key: shipped[key] for key in ("evaluated", "evaluation")}
+    card = render_card(results)
+    first = shipped["training"]["command"]
+    assert "First, the run `rmt-minilm-qa1`" in card and card.index(first) < card.index("--output-dir runs/rmt-long")
+
+
 def test_wilson_interval_covers_the_measured_accuracy():
     from modeling_rmt.training.evaluate_lengths import wilson_interval
 

@@ -19,6 +19,9 @@ from .segmenting import Segment, SegmentPlan, plan_segments
 
 # Keyword arguments of `from_backbone` that configure the backbone's head rather than the RMT wrapper.
 HEAD_KWARGS = ("num_labels", "id2label", "label2id", "problem_type", "classifier_dropout")
+# Keyword arguments of `from_backbone` that say how to load the backbone (the first group its tokenizer too).
+SOURCE_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "trust_remote_code", "subfolder")
+LOADING_KWARGS = (*SOURCE_KWARGS, "dtype", "torch_dtype", "device_map", "quantization_config")
 
 
 def scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -78,6 +81,26 @@ class BaseModelHolder(nn.Module):
         self.model.set_input_embeddings(value)
 
 
+def _unwrapped(key: str) -> str:
+    """A weight's key with ARMT's layer wrapper (`<layers>.<i>.layer.`) taken out."""
+    parts = key.split(".")
+    return ".".join(part for i, part in enumerate(parts) if not (part == "layer" and i and parts[i - 1].isdigit()))
+
+
+def check_layer_layout(missing: Any, unexpected: Any, model_class: str) -> None:
+    """Raise ValueError when a checkpoint's backbone layers were saved under the other memory type's layout
+    (ARMT wraps every layer): loading would leave those layers randomly initialised."""
+    moved = {_unwrapped(key) for key in missing} & {_unwrapped(key) for key in unexpected}
+    if moved:
+        raise ValueError(
+            f"{len(moved)} backbone weights (e.g. {min(moved)}) are saved under the other memory type's layer layout: "
+            "the checkpoint was saved with another memory_type than this model's, and loading would leave the "
+            "backbone's layers randomly initialised. Load it with its own memory_type; to put a new memory on its "
+            f"backbone, use `{model_class}.from_backbone(model.backbone, tokenizer=..., memory_type=...)` "
+            "(or train with `--init-from CHECKPOINT --new-memory`)."
+        )
+
+
 class RMTPreTrainedModel(PreTrainedModel):
     """Shared machinery: building around a backbone, weight init and the segment recurrence."""
 
@@ -113,6 +136,14 @@ class RMTPreTrainedModel(PreTrainedModel):
         self.memory = build_memory(config, backbone)  # ARMT wraps the backbone's layers
         self._check_backbone(config)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """As transformers loads any model; refuses a checkpoint of the other memory type's layer layout."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        check_layer_layout(info["missing_keys"], info["unexpected_keys"], cls.__name__)
+        return (model, info) if wants_info else model
 
     def _check_backbone(self, config: RMTConfig) -> None:
         """Raise ValueError when this head cannot run on the configured backbone."""
@@ -171,11 +202,11 @@ class RMTPreTrainedModel(PreTrainedModel):
         new model's device and dtype.
 
         `segment_size` defaults to the largest that fits the backbone's positions. Special-token ids
-        come from `tokenizer` (or the backbone's own tokenizer). Head settings such as `num_labels`
-        and loading options in `backbone_kwargs` (e.g. `dtype`) go to the backbone.
+        come from `tokenizer` (or the backbone's own tokenizer). Head settings such as `num_labels` and
+        loading options such as `dtype` or `device_map` go to the backbone, given directly or in `backbone_kwargs`.
         """
         backbone_kwargs = dict(backbone_kwargs or {})
-        for key in HEAD_KWARGS:
+        for key in (*HEAD_KWARGS, *LOADING_KWARGS):
             if key in config_kwargs:
                 backbone_kwargs[key] = config_kwargs.pop(key)
         if config_kwargs.get("attn_implementation") is not None:  # the backbone runs the attention
@@ -185,7 +216,8 @@ class RMTPreTrainedModel(PreTrainedModel):
         else:
             backbone = cls._backbone_auto_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path)
+            source = {key: backbone_kwargs[key] for key in SOURCE_KWARGS if key in backbone_kwargs}
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **source)
         for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
             config_kwargs.setdefault(name, getattr(tokenizer, name, None))
         if segment_size is None:
@@ -198,6 +230,7 @@ class RMTPreTrainedModel(PreTrainedModel):
         embeddings = model.get_input_embeddings().weight
         with torch.no_grad():  # memory starts at the scale of the pretrained token embeddings
             model.memory.memory_tokens.normal_(0.0, float(embeddings.float().std()))
+        model.config.dtype = embeddings.dtype  # as from_pretrained records it
         return model.to(device=embeddings.device, dtype=embeddings.dtype)
 
     # ----- the recurrence -------------------------------------------------------------------------
@@ -244,10 +277,14 @@ class RMTPreTrainedModel(PreTrainedModel):
             yield from diagonal_segments(self, plan, state, **backbone_kwargs)
             return
         first_step = plan.grid_offset // plan.segment_size
+        # The learned initial memory is a parameter, not a transition: as in the authors' code it is never cut,
+        # so the segments that read it directly (a decoder's first segment, say) still train it.
+        learned_start = memory_state is None
         for step in range(steps):
             segment = plan.segment(step)
             if 0 <= self.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
-                state = memory.detach(state, first_step <= step)  # of documents that have started
+                written = first_step < step if learned_start else first_step <= step
+                state = memory.detach(state, written)  # of documents whose memory has been written
             current = memory.select(state, segment.rows)
             outputs, written = self._process_segment(segment, current, **backbone_kwargs)
             state = memory.update(state, segment.rows, memory.write(current, written))

@@ -262,6 +262,14 @@ class RMTGenerationMixin(GenerationMixin):
                 f"attention_mask has {attention_mask.shape[1]} columns but the prompt {input_ids.shape[1]} tokens; "
                 "pass the mask the tokenizer made for these input_ids."
             )
+        if input_ids.shape[1] == 0:
+            raise ValueError("The prompt is empty: generation continues a prompt, so give each row at least one token.")
+        if attention_mask is not None and bool((attention_mask == 0).all(dim=1).any()):
+            empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"Prompt(s) at batch index {empty} have no tokens (their attention_mask is all zeros): "
+                "remove empty prompts before calling generate."
+            )
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(
                 "A prompt has padding on the right; generation continues each prompt at its end, so pad on "

@@ -5,7 +5,9 @@ and `run_time.json` (`train.py` writes them). `read_run` gathers them into one r
 turns a record into the name, config, recipe and limitations of a results JSON for `model_cards`.
 A run started `--init-from` another run's `final/` copies that run's record into its own folder as
 `initialised_from.json` (in every checkpoint, snapshot and its `final/`), so the card can show both
-recipes even where the first run's folder is gone.
+recipes even where the first run's folder is gone. Started from an exported checkpoint, the record is
+its name, the `base_model` of its card and the `card_results.json` its export ships, whose training
+block is the first recipe.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from modeling_rmt.tools.backbones import minilm_path
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
 LINEAGE_FILE = "initialised_from.json"
+CARD_RESULTS = "card_results.json"  # shipped by conversion.export beside an exported checkpoint's card
 RUN_FILES = {"settings": "training_args.json", "curriculum": "curriculum.json", "history": "log_history.json",
              "config": "config.json", "clock": "run_time.json", "lineage": LINEAGE_FILE}  # fmt: skip
 
@@ -34,14 +37,17 @@ def run_name(folder: Path) -> str:
 def read_run(folder: str | Path) -> dict[str, Any]:
     """The record of the run whose `final/` (or model) folder this is: its name and, for a run's
     `final/`, the contents of its `RUN_FILES` (absent files are left out); for an exported checkpoint,
-    the `base_model` its card names."""
+    the `base_model` its card names and its card's results (`card`), where it ships them."""
     folder = Path(folder).resolve()
     record: dict[str, Any] = {"name": run_name(folder)}
     for key, file in RUN_FILES.items():
         if (folder / file).is_file():
             record[key] = json.loads((folder / file).read_text())
-    base_model = None if "settings" in record else card_base_model(folder / "README.md")
-    return record | ({"base_model": base_model} if base_model else {})
+    if "settings" in record:
+        return record
+    base_model = card_base_model(folder / "README.md")
+    card = json.loads((folder / CARD_RESULTS).read_text()) if (folder / CARD_RESULTS).is_file() else None
+    return record | ({"base_model": base_model} if base_model else {}) | ({"card": card} if card else {})
 
 
 def card_base_model(card: Path) -> str | None:
@@ -96,9 +102,11 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
     if lineage is not None and "settings" in lineage:  # a run's final/ folder
         prior = describe_run(lineage, lineage["name"], repo_id, hardware)
         previous, init_from = {"name": lineage["name"], **prior["training"]}, f"runs/{lineage['name']}/final"
-    elif lineage is not None:  # an exported checkpoint: its recipe is in its own card
-        previous, init_from = {"name": lineage["name"]}, lineage["name"]
-        prior = {"base_model": lineage["base_model"]} if "base_model" in lineage else {}
+    elif lineage is not None:  # an exported checkpoint: its recipe is in the results its card was made from
+        card = lineage.get("card", {})
+        previous, init_from = {"name": lineage["name"], **card.get("training", {})}, lineage["name"]
+        prior = {key: card[key] for key in ("base_model", "config") if key in card}
+        prior |= {"base_model": lineage["base_model"]} if "base_model" in lineage else {}
     model_class = config["architectures"][0]
     backbone = settings.get("backbone")
     base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
