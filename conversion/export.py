@@ -263,6 +263,9 @@ def export_checkpoint(
     target = DTYPES[dtype] if dtype is not None else None
     if target is not None:
         model = model.to(target)  # every floating parameter and buffer: backbone, memory, head alike
+        for key in model.config.sub_configs:  # save_pretrained records the new dtype at the top level only
+            if getattr(model.config, key, None) is not None:
+                getattr(model.config, key).dtype = target
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))

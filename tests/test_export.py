@@ -78,7 +78,8 @@ def test_float16_export_halves_the_weights_and_keeps_the_logits(checkpoint, expo
     weights = load_file(half / "model.safetensors")
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
     assert "memory.memory_tokens" in weights
-    assert json.loads((half / "config.json").read_text())["dtype"] == "float16"
+    saved = json.loads((half / "config.json").read_text())
+    assert saved["dtype"] == saved["text_config"]["dtype"] == "float16"  # the backbone's config says so too
     model = AutoModelForSequenceClassification.from_pretrained(half)
     assert type(model) is RMTForSequenceClassification and model.dtype == torch.float16
     reference = logits(exported)
