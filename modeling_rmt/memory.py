@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # Added to the normaliser of associative reads, as in the ARMT paper.
 READ_EPS = 1e-5
@@ -227,7 +228,12 @@ class AssociativeLayer(nn.Module):
         return self.W_mk.weight, self.W_mv.weight, self.W_mb.weight, self.W_mb.bias
 
     def read(self, hidden: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """What this layer's memory adds to `hidden` [rows, T, d]."""
+        """What this layer's memory adds to `hidden` [rows, T, d]. Under the backbone's gradient checkpointing
+        the read is recomputed in the backward pass as well: its feature maps are the largest activations."""
+        if getattr(self.layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            return checkpoint(
+                associative_read, hidden, A, z, self.W_mq.weight, self.num_heads, self.normalize, use_reentrant=False
+            )
         return associative_read(hidden, A, z, self.W_mq.weight, self.num_heads, self.normalize)
 
     def write(

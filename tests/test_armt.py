@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import encode, random_documents, tiny_classifier
-from test_causal_lm import SEGMENT, answer_accuracy, generate, left_pad, prompts, tiny_lm, train_on_answers
+from test_causal_lm import MEMORY, SEGMENT, answer_accuracy, generate, left_pad, prompts, tiny_lm, train_on_answers
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_rmt import RMTConfig, RMTForCausalLM
@@ -272,6 +272,31 @@ def test_save_and_load_keep_the_layout_of_the_armt_release(tmp_path):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls", memory_type="rmt")
     again, info = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", output_loading_info=True)
     assert isinstance(again, RMTForCausalLM) and not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_gradient_checkpointing_recomputes_the_reads_and_keeps_the_gradients():
+    model = tiny_armt_lm("llama").train()  # no dropout in the tiny llama
+    ids = prompts([3 * SEGMENT])[0][None]
+    features = 6 * ARMT["armt_d_mem"] // ARMT["armt_num_heads"]
+
+    def run() -> tuple[list[torch.Tensor], list[tuple]]:
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], saved
+
+    def read_features(shapes: list[tuple]) -> list[tuple]:  # DPFP features of every position of a segment
+        return [s for s in shapes if SEGMENT + MEMORY in s and features in s]
+
+    plain, plain_saved = run()
+    model.gradient_checkpointing_enable()
+    checkpointed, checkpointed_saved = run()
+    assert read_features(plain_saved) and not read_features(checkpointed_saved)  # recomputed, not kept
+    assert len(plain) == len(checkpointed) == len([p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_clear_errors():
