@@ -264,11 +264,11 @@ class RMTGenerationMixin(GenerationMixin):
             )
         if input_ids.shape[1] == 0:
             raise ValueError("The prompt is empty: generation continues a prompt, so give each row at least one token.")
-        if attention_mask is not None and bool((attention_mask == 0).all(dim=1).any()):
-            empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()
+        empty = (attention_mask == 0).all(dim=1) if attention_mask is not None else None
+        if empty is not None and bool(empty.any()):
             raise ValueError(
-                f"Prompt(s) at batch index {empty} have no tokens (their attention_mask is all zeros): "
-                "remove empty prompts before calling generate."
+                f"Prompt(s) at batch index {empty.nonzero().flatten().tolist()} have no tokens (their attention_mask "
+                "is all zeros): remove empty prompts before calling generate."
             )
         if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(

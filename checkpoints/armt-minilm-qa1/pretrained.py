@@ -84,7 +84,7 @@ class BaseModelHolder(nn.Module):
 def _unwrapped(key: str) -> str:
     """A weight's key with ARMT's layer wrapper (`<layers>.<i>.layer.`) taken out."""
     parts = key.split(".")
-    return ".".join(part for i, part in enumerate(parts) if not (part == "layer" and i and parts[i - 1].isdigit()))
+    return ".".join(part for i, part in enumerate(parts) if not (part == "layer" and i > 0 and parts[i - 1].isdigit()))
 
 
 def check_layer_layout(missing: Any, unexpected: Any, model_class: str) -> None:
@@ -283,8 +283,8 @@ class RMTPreTrainedModel(PreTrainedModel):
         for step in range(steps):
             segment = plan.segment(step)
             if 0 <= self.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
-                written = first_step < step if learned_start else first_step <= step
-                state = memory.detach(state, written)  # of documents whose memory has been written
+                has_history = first_step < step if learned_start else first_step <= step
+                state = memory.detach(state, has_history)  # of documents whose memory came from a segment
             current = memory.select(state, segment.rows)
             outputs, written = self._process_segment(segment, current, **backbone_kwargs)
             state = memory.update(state, segment.rows, memory.write(current, written))
