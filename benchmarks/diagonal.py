@@ -2,7 +2,8 @@
 
 Each measurement runs in a fresh child process (so peak memory belongs to one variant), the variants
 alternating, best of `--repeats` timed passes after one warm-up. Random weights (speed does not depend
-on them). Prints a table and writes JSON.
+on them). The same seed gives every variant the same weights, so the summary also compares the last
+position's logits of diagonal and sequential. Prints a table and writes JSON.
 
     python benchmarks/diagonal.py                                  # CPU, small model
     python benchmarks/diagonal.py --device cuda --dtype bfloat16 --preset llama-1b \
@@ -17,6 +18,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +87,8 @@ def measure_one(args: argparse.Namespace) -> dict:
     if args.device.startswith("cuda"):
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.logits_file:  # for the parent's comparison of the variants (same seed: the same weights)
+        torch.save(logits[:, -1].float().cpu(), args.logits_file)
     return result
 
 
@@ -92,7 +96,20 @@ def child_command(args: argparse.Namespace, variant: str, length: int) -> list[s
     command = [sys.executable, __file__, "--child", "--variant", variant, "--length", str(length)]
     for name in ("device", "dtype", "preset", "segment", "memory", "d_mem", "batch", "repeats"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return command
+    return command + ["--logits-file", str(logits_file(args, variant, length))]
+
+
+def logits_file(args: argparse.Namespace, variant: str, length: int) -> Path:
+    return Path(args.logits_dir) / f"{variant}-{length}.pt"
+
+
+def last_logits_difference(args: argparse.Namespace, length: int) -> float | None:
+    """Max |sequential - diagonal| / max |sequential| over the last position's logits, where both ran."""
+    files = [logits_file(args, variant, length) for variant in ("sequential", "diagonal")]
+    if not all(f.is_file() for f in files):
+        return None
+    sequential, diagonal = (torch.load(f, weights_only=True) for f in files)
+    return float((sequential - diagonal).abs().max() / sequential.abs().max())
 
 
 def main() -> None:
@@ -112,18 +129,20 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--logits-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure_one(args)))
         return
     rows: list[dict] = []
-    for length in args.lengths:
-        variants = [v for v in VARIANTS if v != "full-attention" or length <= args.full_attention_max]
-        for variant in variants:
-            rows.append(run_child(args, variant, length))
-            print(json.dumps(rows[-1]), flush=True)
-            write_results(args, rows)  # after every row, so a run cut short keeps what it measured
-    for entry in write_results(args, rows):
+    with tempfile.TemporaryDirectory() as args.logits_dir:
+        for length in args.lengths:
+            variants = [v for v in VARIANTS if v != "full-attention" or length <= args.full_attention_max]
+            for variant in variants:
+                rows.append(run_child(args, variant, length))
+                print(json.dumps(rows[-1]), flush=True)
+                summary = write_results(args, rows)  # after every row, so a run cut short keeps what it measured
+    for entry in summary:
         print(json.dumps(entry))
 
 
@@ -153,9 +172,11 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
                 entry["speedup_vs_full_attention"] = (
                     by_variant["full-attention"]["seconds"] / by_variant["diagonal"]["seconds"]
                 )
+            entry["last_logits_max_relative_difference"] = last_logits_difference(args, length)
             summary.append(entry)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    setting = {k: v for k, v in vars(args).items() if k not in ("child", "variant", "length", "output")}
+    hidden = ("child", "variant", "length", "output", "logits_file", "logits_dir")
+    setting = {k: v for k, v in vars(args).items() if k not in hidden}
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name()
