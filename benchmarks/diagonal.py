@@ -1,4 +1,4 @@
-"""Diagonal batching against the sequential segment loop for ARMT, and the full-attention backbone.
+r"""Diagonal batching against the sequential segment loop for ARMT, and the full-attention backbone.
 
 Each measurement runs in a fresh child process (so peak memory belongs to one variant), the variants
 alternating, best of `--repeats` timed passes after one warm-up. Random weights (speed does not depend

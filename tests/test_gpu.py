@@ -1,7 +1,8 @@
-"""CUDA checks: memory follows the backbone's device and dtype, generation crosses boundaries on the GPU.
+"""Device and dtype checks: memory follows the backbone's device and dtype, generation crosses boundaries.
 
-Marked `gpu` and skipped without CUDA. Run on a GPU machine with `python -m pytest -m gpu tests/test_gpu.py`
-(the marker is not excluded by default, so they also run in a plain `pytest` there).
+Each check runs on the CPU in the default suite and again on CUDA where there is a GPU: the CUDA cases
+are marked `gpu` and skipped without one. On a GPU machine, `python -m pytest -m gpu tests/test_gpu.py`
+runs the CUDA cases alone (the marker is not excluded by default, so a plain `pytest` runs them too).
 """
 
 from __future__ import annotations
@@ -12,57 +13,66 @@ from conftest import encode, random_documents, tiny_classifier
 from test_causal_lm import generate, prompts, tiny_lm
 from transformers import AutoModelForCausalLM
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_classifier_memory_follows_the_backbone_device_and_dtype(dtype):
-    model = tiny_classifier("bert").to(device="cuda", dtype=dtype)
-    batch = {k: v.cuda() for k, v in encode(random_documents([5, 30])).items()}
+def test_classifier_memory_follows_the_backbone_device_and_dtype(device, dtype):
+    model = tiny_classifier("bert").to(device=device, dtype=dtype)
+    batch = {k: v.to(device) for k, v in encode(random_documents([5, 30])).items()}
     with torch.no_grad():
         out = model(**batch)
         alone = model(**{k: v[1:] for k, v in batch.items()})
-    assert out.memory_state.device.type == "cuda" and out.memory_state.dtype == dtype
+    assert out.memory_state.device.type == device and out.memory_state.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.logits[1:], alone.logits, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generation_on_the_gpu_equals_the_full_forward(dtype):
-    model = tiny_lm("llama").to(device="cuda", dtype=dtype)
-    prompt = prompts([17])[0][None].cuda()
+def test_generation_on_the_device_equals_the_full_forward(device, dtype):
+    model = tiny_lm("llama").to(device=device, dtype=dtype)
+    prompt = prompts([17])[0][None].to(device)
     out = generate(model, {"input_ids": prompt}, 16)
     with torch.no_grad():
         full = model(input_ids=out.sequences).logits
     tolerance = 2e-4 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(torch.stack(out.logits, 1), full[:, 16:-1], atol=tolerance, rtol=tolerance)
+    generated = torch.stack(out.logits, 1)  # generate() hands back float32 logits whatever the model's dtype
+    torch.testing.assert_close(generated, full[:, 16:-1].float(), atol=tolerance, rtol=tolerance)
 
 
-def test_device_map_auto_and_sdpa(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_map_and_sdpa(device, tmp_path):
     tiny_lm("gpt2").save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto", attn_implementation="sdpa")
-    assert model.memory.memory_tokens.device.type == "cuda"
+    device_map = "auto" if device == "cuda" else "cpu"  # "auto" would place the CPU case on a GPU where there is one
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map, attn_implementation="sdpa")
+    assert model.memory.memory_tokens.device.type == device
     assert model.config.text_config._attn_implementation == "sdpa"
     prompt = prompts([12])[0][None].to(model.device)
     out = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 24)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_armt_diagonal_batching_on_the_gpu_equals_the_sequential_loop(dtype):
+def test_armt_diagonal_batching_on_the_device_equals_the_sequential_loop(device, dtype):
     from test_armt import tiny_armt_lm
     from test_causal_lm import SEGMENT, left_pad
 
-    model = tiny_armt_lm("llama").to(device="cuda", dtype=dtype)
-    batch = {k: v.cuda() for k, v in left_pad(prompts([64 * SEGMENT, 20 * SEGMENT + 3, 7, 40])).items()}
+    model = tiny_armt_lm("llama").to(device=device, dtype=dtype)
+    batch = {k: v.to(device) for k, v in left_pad(prompts([64 * SEGMENT, 20 * SEGMENT + 3, 7, 40])).items()}
     with torch.no_grad():
         sequential = model(**batch)
         model.config.diagonal_batching = True
         diagonal = model(**batch)
-    assert sequential.memory_state[0].device.type == "cuda" and sequential.memory_state[0].dtype == torch.float32
+    assert sequential.memory_state[0].device.type == device and sequential.memory_state[0].dtype == torch.float32
     error = (sequential.logits.float() - diagonal.logits.float()).abs().max() / sequential.logits.float().abs().max()
     assert error <= (1e-5 if dtype == torch.float32 else 2e-2)
     if dtype == torch.float32:  # a diagonal prompt, then decoding that writes memory, as the sequential loop
