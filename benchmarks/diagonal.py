@@ -3,7 +3,8 @@ r"""Diagonal batching against the sequential segment loop for ARMT, and the full
 Each measurement runs in a fresh child process (so peak memory belongs to one variant), the variants
 alternating, best of `--repeats` timed passes after one warm-up. Random weights (speed does not depend
 on them). The same seed gives every variant the same weights, so the summary also compares the last
-position's logits of diagonal and sequential. Prints a table and writes JSON.
+position's logits of diagonal and sequential, next to the rounding floor: sequential on the same
+documents inside a batch twice as large (one extra, untimed pass). Prints a table and writes JSON.
 
     python benchmarks/diagonal.py                                  # CPU, small model
     python benchmarks/diagonal.py --device cuda --dtype bfloat16 --preset llama-1b \
@@ -33,6 +34,9 @@ PRESETS = {
                      intermediate_size=8192, vocab_size=128256),
     "cpu-small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                       intermediate_size=1024, vocab_size=8192),
+    # small enough that per-call overhead, not arithmetic, bounds a layer call (as on a GPU)
+    "cpu-tiny": dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=256, vocab_size=8192),
 }  # fmt: skip
 VARIANTS = ("sequential", "diagonal", "full-attention")
 
@@ -89,6 +93,11 @@ def measure_one(args: argparse.Namespace) -> dict:
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.logits_file:  # for the parent's comparison of the variants (same seed: the same weights)
         torch.save(logits[:, -1].float().cpu(), args.logits_file)
+        if args.variant == "sequential":  # the rounding floor: the same documents inside a batch twice as large
+            other = torch.randint(10, 1000, ids.shape, generator=torch.Generator().manual_seed(2)).to(args.device)
+            with torch.no_grad():
+                batched = model(input_ids=torch.cat([ids, other]), logits_to_keep=1).logits[: len(ids)]
+            torch.save(batched[:, -1].float().cpu(), f"{args.logits_file}.batched")
     return result
 
 
@@ -103,13 +112,18 @@ def logits_file(args: argparse.Namespace, variant: str, length: int) -> Path:
     return Path(args.logits_dir) / f"{variant}-{length}.pt"
 
 
-def last_logits_difference(args: argparse.Namespace, length: int) -> float | None:
-    """Max |sequential - diagonal| / max |sequential| over the last position's logits, where both ran."""
-    files = [logits_file(args, variant, length) for variant in ("sequential", "diagonal")]
-    if not all(f.is_file() for f in files):
+def last_logits_difference(args: argparse.Namespace, length: int, other: str = "diagonal") -> float | None:
+    """Max |sequential - other| / max |sequential| over the last position's logits, where both ran.
+
+    `other="batched"` compares the sequential loop with itself run on the same documents inside a
+    larger batch: the floor that rounding alone sets for this model at this length.
+    """
+    sequential_file = logits_file(args, "sequential", length)
+    other_file = Path(f"{sequential_file}.batched") if other == "batched" else logits_file(args, other, length)
+    if not (sequential_file.is_file() and other_file.is_file()):
         return None
-    sequential, diagonal = (torch.load(f, weights_only=True) for f in files)
-    return float((sequential - diagonal).abs().max() / sequential.abs().max())
+    sequential, compared = (torch.load(f, weights_only=True) for f in (sequential_file, other_file))
+    return float((sequential - compared).abs().max() / sequential.abs().max())
 
 
 def main() -> None:
@@ -122,7 +136,7 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=16)
     parser.add_argument("--d-mem", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full-attention-max", type=int, default=16384, help="longest input for the full backbone")
     parser.add_argument("--child-timeout", type=float, default=None, help="seconds one measurement may take")
     parser.add_argument("--output", default="benchmarks/results/diagonal_cpu.json")
@@ -173,6 +187,7 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
                     by_variant["full-attention"]["seconds"] / by_variant["diagonal"]["seconds"]
                 )
             entry["last_logits_max_relative_difference"] = last_logits_difference(args, length)
+            entry["sequential_alone_vs_batched_relative_difference"] = last_logits_difference(args, length, "batched")
             summary.append(entry)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     hidden = ("child", "variant", "length", "output", "logits_file", "logits_dir")
