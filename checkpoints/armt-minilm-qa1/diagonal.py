@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from transformers.pytorch_utils import Conv1D
 
 from .memory import AssociativeMemory, LayerInputsCaptured, associative_read, associative_write
 
@@ -47,6 +48,9 @@ class GroupedModule(nn.Module):
     def forward(self, *args: Any) -> Any:
         weights = {name: value[self.layers] for name, value in self.stacked.items()}
         cells = self.cells
+        direct = _DIRECT.get(type(self.template[0]))
+        if direct is not None and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            return direct(self.template[0], weights, args[0].unflatten(0, (cells, -1))).flatten(0, 1)
         batched = [isinstance(a, torch.Tensor) and a.shape[0] % cells == 0 for a in args]
         split = [a.unflatten(0, (cells, -1)) if b else a for a, b in zip(args, batched, strict=True)]
         in_dims = (0, *[0 if b else None for b in batched])
@@ -55,6 +59,35 @@ class GroupedModule(nn.Module):
             return functional_call(self.template[0], layer_weights, inputs)
 
         return vmap(run, in_dims=in_dims)(weights, *split).flatten(0, 1)
+
+
+def _linear(module: nn.Linear, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`nn.Linear` per cell as one batched matmul; x is `[cells, ..., in]`, the weights `[cells, out, in]`."""
+    return _batched_affine(x, weights["weight"].transpose(1, 2), weights.get("bias"))
+
+
+def _conv1d(module: Conv1D, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Transformers' `Conv1D` (GPT-2) per cell; its weights are stored `[in, out]`."""
+    return _batched_affine(x, weights["weight"], weights["bias"])
+
+
+def _batched_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    flat = x.flatten(1, -2)  # [cells, positions, in]
+    out = torch.bmm(flat, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, weight)
+    return out.view(*x.shape[:-1], weight.shape[-1])
+
+
+def _layer_norm(module: nn.LayerNorm, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`nn.LayerNorm` per cell: normalise all cells at once, then each cell's own scale and shift."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1 - len(module.normalized_shape)) + tuple(module.normalized_shape)
+    out = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    out = out * weights["weight"].view(shape)
+    return out + weights["bias"].view(shape) if "bias" in weights else out
+
+
+# Modules computed per cell with batched products directly; any other module runs under vmap.
+# The exact type is matched, so subclasses (quantised linears, say) keep their own forward.
+_DIRECT = {nn.Linear: _linear, Conv1D: _conv1d, nn.LayerNorm: _layer_norm}
 
 
 class GroupedLayer:
