@@ -9,7 +9,9 @@ from test_armt import ARMT, tiny_armt_lm, with_written_values
 from test_causal_lm import SEGMENT, generate, left_pad, prompts
 
 import modeling_rmt.configuration_rmt as configuration
+import modeling_rmt.diagonal as diagonal_module
 from modeling_rmt import RMTConfig
+from modeling_rmt.diagonal import DiagonalExecutor, _executor
 
 DECODERS = ["llama", "gpt2", "gpt_neox", "qwen2", "mistral"]
 ENCODERS = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert"]
@@ -82,6 +84,42 @@ def test_normalised_features_run_diagonally_with_the_same_result():
     with torch.no_grad():
         z = plain(**left_pad(prompts([7 * SEGMENT, 3 * SEGMENT + 2], seed=5))).memory_state[1]
     assert not torch.allclose(z, sequential.memory_state[1])  # the option changes the memory
+
+
+def diagonal_model(family: str):
+    return tiny_armt_lm(family) if family in DECODERS else tiny_classifier(family, **ARMT)
+
+
+@pytest.mark.parametrize("family", DECODERS + ENCODERS)
+def test_supported_families_run_their_layer_weights_as_batched_products(family):
+    executor = DiagonalExecutor(diagonal_model(family).memory)
+    assert executor.layer.grouped, "the grouped layer holds the layers' weights"
+    under_vmap = [type(grouped.template[0]).__name__ for grouped in executor.layer.grouped if grouped.direct is None]
+    assert under_vmap == [], f"{family}: these modules fall back to vmap (slower): {under_vmap}"
+
+
+def test_modules_without_a_direct_form_run_under_vmap_with_the_same_result(monkeypatch):
+    calls = []
+
+    def counting_vmap(*args, **kwargs):
+        calls.append(1)
+        return torch.func.vmap(*args, **kwargs)
+
+    monkeypatch.setattr(diagonal_module, "vmap", counting_vmap)
+    model = tiny_armt_lm("llama")
+    inputs = left_pad(prompts([7 * SEGMENT, 3 * SEGMENT + 5], seed=4))
+    with torch.no_grad():
+        model.config.diagonal_batching = True
+        direct = model(**inputs)
+        assert calls == []
+        for grouped in _executor(model).layer.grouped:  # as for a family whose modules are not known
+            grouped.direct = None
+        under_vmap = model(**inputs)
+        model.config.diagonal_batching = False
+        sequential = model(**inputs)
+    assert relative_error(sequential.logits, under_vmap.logits) <= 1e-5
+    assert relative_error(direct.logits, under_vmap.logits) <= 1e-5
+    assert calls, "the vmap path ran"
 
 
 def test_stacked_weights_follow_weight_updates():

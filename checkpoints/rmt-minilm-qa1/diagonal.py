@@ -6,12 +6,14 @@ L * S calls, the same arithmetic in another order.
 
 The layers are the backbone's own code. A *grouped layer* is a copy of the first layer in which each
 module holding weights (linear, Conv1D, norms) is replaced by a `GroupedModule` that keeps the weights
-of all layers stacked and applies the right layer's weights to each cell with `torch.func.vmap`
-(batched matmuls); everything without weights (attention, rotary, activations) runs once on all
-cells folded into the batch. The backbone itself is used around the layers: its first ARMT layer
-captures the inputs the backbone gives its layers (embeddings, masks, rotary tables) for a segment,
-and once a segment has been through every layer the backbone is replayed with the layers returning
-that output, so final norms and heads are the backbone's own as well.
+of all layers stacked and applies the right layer's weights to each cell: linears, GPT-2's Conv1D,
+LayerNorm and the Llama-family RMSNorm as batched matmuls and broadcast scales written out here, any
+other module through `torch.func.vmap` (same result, more Python overhead per call); everything
+without weights (attention, rotary, activations) runs once on all cells folded into the batch. The
+backbone itself is used around the layers: its first ARMT layer captures the inputs the backbone
+gives its layers (embeddings, masks, rotary tables) for a segment, and once a segment has been
+through every layer the backbone is replayed with the layers returning that output, so final norms
+and heads are the backbone's own as well.
 
 The stacked copy of the layer weights is built on first use and rebuilt when weights change.
 """
@@ -41,6 +43,7 @@ class GroupedModule(nn.Module):
     def __init__(self, template: nn.Module, stacked: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.template = [template]  # on the meta device; a list keeps it out of the module tree
+        self.direct = _direct_forward(template)
         self.stacked = stacked
         self.layers: slice | torch.Tensor = slice(0, 0)
         self.cells = 0
@@ -48,7 +51,7 @@ class GroupedModule(nn.Module):
     def forward(self, *args: Any) -> Any:
         weights = {name: value[self.layers] for name, value in self.stacked.items()}
         cells = self.cells
-        direct = _DIRECT.get(type(self.template[0]))
+        direct = self.direct
         if direct is not None and len(args) == 1 and isinstance(args[0], torch.Tensor):
             return direct(self.template[0], weights, args[0].unflatten(0, (cells, -1))).flatten(0, 1)
         batched = [isinstance(a, torch.Tensor) and a.shape[0] % cells == 0 for a in args]
@@ -85,9 +88,26 @@ def _layer_norm(module: nn.LayerNorm, weights: dict[str, torch.Tensor], x: torch
     return out + weights["bias"].view(shape) if "bias" in weights else out
 
 
+def _rms_norm(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The Llama-family RMSNorm (Llama, Qwen2, Mistral: the same forward) per cell."""
+    normed = x.to(torch.float32)
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return weights["weight"].view(x.shape[0], *(1,) * (x.dim() - 2), x.shape[-1]) * normed.to(x.dtype)
+
+
 # Modules computed per cell with batched products directly; any other module runs under vmap.
 # The exact type is matched, so subclasses (quantised linears, say) keep their own forward.
 _DIRECT = {nn.Linear: _linear, Conv1D: _conv1d, nn.LayerNorm: _layer_norm}
+_RMS_NORMS = {f"transformers.models.{family}.modeling_{family}.{name}RMSNorm"
+              for family, name in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"))}  # fmt: skip
+
+
+def _direct_forward(module: nn.Module) -> Any:
+    """The direct per-cell computation for `module`'s exact type, or None (then vmap runs it)."""
+    kind = type(module)
+    if f"{kind.__module__}.{kind.__qualname__}" in _RMS_NORMS:
+        return _rms_norm
+    return _DIRECT.get(kind)
 
 
 class GroupedLayer:
