@@ -177,6 +177,17 @@ def run_child(args: argparse.Namespace, variant: str, length: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def speedups_per_round(rows: list[dict], length: int) -> list[float]:
+    """Sequential over diagonal seconds within each round: steadier than the best of all rounds
+    where the machine's speed drifts between processes."""
+    by_round: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if row["length"] == length and "seconds" in row:
+            by_round.setdefault(row["round"], {})[row["variant"]] = row["seconds"]
+    both = [seconds for _, seconds in sorted(by_round.items()) if {"sequential", "diagonal"} <= seconds.keys()]
+    return [seconds["sequential"] / seconds["diagonal"] for seconds in both]
+
+
 def write_results(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     """Write the rows and the speed-ups measured so far to `--output`; return the speed-ups."""
     summary = []
@@ -193,6 +204,7 @@ def write_results(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
                 entry["speedup_vs_full_attention"] = (
                     by_variant["full-attention"]["seconds"] / by_variant["diagonal"]["seconds"]
                 )
+            entry["speedup_vs_sequential_per_round"] = speedups_per_round(rows, length)
             entry["last_logits_max_relative_difference"] = last_logits_difference(args, length)
             entry["sequential_alone_vs_batched_relative_difference"] = last_logits_difference(args, length, "batched")
             summary.append(entry)
