@@ -7,7 +7,7 @@ import stat
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_rmt import RMTConfig, RMTForCausalLM
@@ -251,8 +251,14 @@ def test_clear_errors_for_bad_input():
         model.generate(**batch, max_new_tokens=3, pad_token_id=0, prefill_chunk_size=4)
     with pytest.raises(ValueError, match="keeps its own decoding cache"):
         model.generate(**batch, max_new_tokens=3, pad_token_id=0, cache_implementation="static")
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(**batch, max_new_tokens=3, pad_token_id=0, prompt_lookup_num_tokens=2)
+    one = {key: value[:1] for key, value in batch.items()}
+    for inputs in (batch, one):  # the project's message for any batch size, before transformers' own checks
+        with pytest.raises(ValueError, match="does not support assisted or prompt-lookup decoding"):
+            model.generate(**inputs, max_new_tokens=3, pad_token_id=0, prompt_lookup_num_tokens=2)
+        with pytest.raises(ValueError, match=r"assistant_model set\): its memory is stateful"):
+            model.generate(**inputs, max_new_tokens=3, pad_token_id=0, assistant_model=model)
+        with pytest.raises(ValueError, match=r"Drop prompt_lookup_num_tokens \(from the generation config too\)"):
+            model.generate(**inputs, generation_config=GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3))
     with pytest.raises(ValueError, match="sliding-window attention"):
         RMTConfig(text_config=AutoConfig.for_model("mistral", **{**DECODERS["mistral"], "sliding_window": 4096}),
                   num_mem_tokens=2, segment_size=8)  # fmt: skip

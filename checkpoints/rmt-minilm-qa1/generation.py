@@ -225,8 +225,35 @@ def _decode_one(model: Any, cache: RMTGenerationCache, token: torch.Tensor) -> t
     return model.lm_head_logits(hidden[:, -1:])
 
 
+# Settings that make transformers draft tokens and roll back the ones it rejects (assisted decoding).
+ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+
+
+def _assisted_options(generation_config: Any, kwargs: dict[str, Any]) -> list[str]:
+    """The assisted-decoding options set in `kwargs` or in a generation config."""
+    found = []
+    for name in ASSISTED_DECODING_OPTIONS:
+        value = kwargs.get(name, getattr(generation_config, name, None))
+        if value is not None and value is not False:
+            found.append(name)
+    return found
+
+
 class RMTGenerationMixin(GenerationMixin):
     """`generate()` for RMTForCausalLM: every GenerationMixin strategy runs over our cache object."""
+
+    def generate(self, inputs: Any = None, generation_config: Any = None, **kwargs: Any) -> Any:
+        """GenerationMixin.generate, refusing what cannot work with a memory that is written while decoding
+        before transformers' own checks (whose wording and order change between releases)."""
+        for config in (generation_config, getattr(self, "generation_config", None)):
+            options = _assisted_options(config, kwargs)
+            if options:
+                raise ValueError(
+                    f"RMTForCausalLM does not support assisted or prompt-lookup decoding ({', '.join(options)} "
+                    "set): its memory is stateful, written as tokens are accepted, and cannot roll back rejected "
+                    f"draft tokens. Drop {', '.join(options)} (from the generation config too)."
+                )
+        return super().generate(inputs, generation_config, **kwargs)
 
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: Any = None, **model_kwargs: Any
