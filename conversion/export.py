@@ -13,9 +13,13 @@ for causal LMs, `generation_config.json`. Optimizer and scheduler states, rng st
 logs are left behind.
 
 An existing non-empty OUT_DIR is refused; `--overwrite` replaces it only when it holds an earlier
-export (recognised by the `.rmt-export.json` marker every export writes, which is never uploaded) and
-nothing else. `--upload` creates the repo if needed (`HfApi().create_repo(exist_ok=True)`)
-and uploads the folder; `--dry-run` prints what would be uploaded, and where, without any network call.
+export (recognised by the `.rmt-export.json` marker every export writes, which is never uploaded), and then
+removes only the files that export wrote: files you added are kept (carried into the new folder, and never
+uploaded), a file you edited stops the export unless `--replace-edited`, and the folder is swapped in
+atomically, so that an interrupted export leaves the old export or the new one, whole (`conversion.export_folder`
+explains how, and how the next run cleans up). `--upload` creates the repo if needed
+(`HfApi().create_repo(exist_ok=True)`) and uploads the export's own files; `--dry-run` builds the export in a
+temporary folder and prints what would be uploaded, and where, without any network call or change to OUT_DIR.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import glob
 import json
-import re
+import os
 import shutil
 import sys
 import tempfile
@@ -37,6 +42,21 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 import modeling_rmt
+from conversion.export_card import CARD_RESULTS, copy_card, minimal_card
+from conversion.export_folder import (
+    EXPORT_MARKER,
+    Earlier,
+    ExportError,
+    export_files,
+    export_lock,
+    journal_path,
+    new_staging,
+    publish,
+    read_earlier,
+    recover,
+    write_marker,
+)
+from conversion.export_id import content_digest, new_export_id, record_export_id
 from conversion.from_backbone import long_document_tokenizer, make_like_a_new_folder
 
 # The flat files of `modeling_rmt/` that go to the Hub (the remote code); the one list of them.
@@ -49,6 +69,7 @@ HUB_FILES: tuple[str, ...] = (
     "segmenting.py",
     "generation.py",
     "diagonal.py",
+    "loading.py",
 )
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -59,23 +80,13 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "*.model")
-# Written into every export: what `--overwrite` requires before it replaces a folder. Not uploaded.
-EXPORT_MARKER = ".rmt-export.json"
-# The results JSON a card was generated from, shipped beside it (`model_cards/NAME.json` for `NAME.md`).
-CARD_RESULTS = "card_results.json"
-# Every name an export may hold: what `--overwrite` accepts to replace, and all an export writes.
+# Every name an export may write (an earlier export without file hashes: the names `--overwrite` replaces).
 EXPORT_PATTERNS = (
     "config.json", "generation_config.json", "README.md", *HUB_FILES, "model.safetensors", "model-*-of-*.safetensors",
     "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
     "merges.txt", "*.model", "chat_template.*", "*.png", "*.jpg", "*.jpeg", "*.svg", "*.gif", CARD_RESULTS,
     EXPORT_MARKER,
 )  # fmt: skip
-IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
-
-
-class ExportError(ValueError):
-    """The checkpoint or the output folder cannot be exported safely; the message says why."""
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -102,21 +113,23 @@ def _check_checkpoint(checkpoint: Path, tokenizer_source: Path) -> None:
         raise ExportError(f"{tokenizer_source} has no tokenizer files (tokenizer.json, tokenizer_config.json){hint}")
 
 
-def _check_output(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
-    """Refuse to write over anything but an empty folder or, with `overwrite`, an earlier export."""
+def _check_path(out_dir: Path, checkpoint: Path) -> None:
     resolved, source = out_dir.resolve(), checkpoint.resolve()
     if resolved == source or source in resolved.parents or resolved in source.parents:
         raise ExportError(f"output folder {out_dir} must lie outside the checkpoint folder {checkpoint}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ExportError(f"output path {out_dir} exists and is not a folder (a link or a file): give a folder's path")
+
+
+def check_output(out_dir: Path, checkpoint: Path, overwrite: bool, replace_edited: bool = False) -> Earlier | None:
+    """Refuse to write over anything but an empty folder or, with `overwrite`, an earlier export whose files
+    are as it wrote them (or `replace_edited`); returns that earlier export. Reads only."""
+    _check_path(out_dir, checkpoint)
     if not out_dir.exists() or not any(out_dir.iterdir()):
-        return
+        return None
     if not overwrite:
         raise ExportError(f"output folder {out_dir} is not empty; choose another (or --overwrite an earlier export)")
-    foreign = _foreign_files(out_dir)
-    if foreign or not (out_dir / EXPORT_MARKER).is_file():
-        what = ", ".join(foreign[:5]) if foreign else f"no {EXPORT_MARKER} marker"
-        raise ExportError(f"{out_dir} is not an earlier export ({what}); refusing to overwrite it")
+    return read_earlier(out_dir, EXPORT_PATTERNS, replace_edited)
 
 
 def _drop_local_loading_options(tokenizer_config: Path) -> None:
@@ -192,48 +205,6 @@ def _check_weights(folder: Path, dtype: torch.dtype | None) -> None:
         raise ExportError(f"the saved config does not record dtype {dtype}")
 
 
-def minimal_card(repo_id: str, architecture: str) -> str:
-    """A short README.md for an export without `--card`."""
-    tag = PIPELINE_TAGS.get(architecture, "feature-extraction")
-    auto_class = {
-        "RMTForCausalLM": "AutoModelForCausalLM",
-        "RMTForSequenceClassification": "AutoModelForSequenceClassification",
-    }.get(architecture, "AutoModel")
-    return (
-        f"---\nlibrary_name: transformers\npipeline_tag: {tag}\n"
-        "tags:\n- rmt\n- recurrent-memory\n- long-context\n---\n\n"
-        f"# {repo_id}\n\nA Recurrent Memory Transformer ({architecture}) built with `modeling_rmt`; it reads documents "
-        "far longer than its backbone's position limit, segment by segment, with memory carried between segments.\n\n"
-        f"```python\nfrom transformers import AutoTokenizer, {auto_class}\n\n"
-        f'model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)\n```\n'
-    )
-
-
-def _copy_card(card: Path, staging: Path) -> None:
-    """README.md from `card`, with the local images it links (same folder) beside it, and the results JSON
-    it was generated from (`NAME.json` beside `NAME.md`) as `CARD_RESULTS`."""
-    text = card.read_text()
-    (staging / "README.md").write_text(text)
-    results = card.with_suffix(".json")
-    if results.is_file():
-        try:
-            parsed = json.loads(results.read_text())
-        except json.JSONDecodeError as error:
-            raise ExportError(f"{results} (the card's results) is not valid JSON: {error}; fix or move it") from None
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("training", {}), dict):
-            raise ExportError(f"{results} is not a card's results JSON (an object with a training block)")
-        shutil.copyfile(results, staging / CARD_RESULTS)
-    for link in dict.fromkeys(IMAGE_LINK.findall(text)):
-        if "://" in link or link.startswith(("/", "data:")):
-            continue
-        image = card.parent / link
-        if "/" in link or "\\" in link or not image.is_file():
-            print(f"warning: the card links {link}, which is not a file beside it; not exported", file=sys.stderr)
-            continue
-        shutil.copy2(image, staging / link)
-
-
 def export_checkpoint(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -243,84 +214,103 @@ def export_checkpoint(
     repo_id: str | None = None,
     overwrite: bool = False,
     tokenizer: str | Path | None = None,
+    replace_edited: bool = False,
 ) -> Path:
     """Write the Hub folder of `checkpoint_dir` to `out_dir` (see the module docstring); returns `out_dir`.
 
     `dtype` ("float16", "bfloat16", "float32") casts every floating weight, memory included; `tokenizer`
     takes the tokenizer from another folder when the checkpoint has none; `repo_id` names the model in the
-    minimal card. The folder is built beside `out_dir` and moved in place only once complete.
+    minimal card; `replace_edited` lets `overwrite` replace files of the earlier export edited since. The folder
+    is built beside `out_dir` and swapped in only once complete (`conversion.export_folder`).
     """
-    checkpoint, out_dir = Path(checkpoint_dir), Path(out_dir)
+    checkpoint, given, out_dir = Path(checkpoint_dir), out_dir, Path(os.path.abspath(out_dir))
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     tokenizer_source = Path(tokenizer) if tokenizer is not None else checkpoint
     _check_checkpoint(checkpoint, tokenizer_source)
-    _check_output(out_dir, checkpoint, overwrite)
+    _check_path(out_dir, checkpoint)
     if card is not None and not Path(card).is_file():
         raise ExportError(f"model card {card} does not exist")
-    model = _load_model(checkpoint)
-    loaded_tokenizer = _load_tokenizer(tokenizer_source, model.config)
-    target = DTYPES[dtype] if dtype is not None else None
-    if target is not None:
-        model = model.to(target)  # every floating parameter and buffer: backbone, memory, head alike
-        for key in model.config.sub_configs:  # save_pretrained records the new dtype at the top level only
-            if getattr(model.config, key, None) is not None:
-                getattr(model.config, key).dtype = target
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(staging)
-        package = Path(modeling_rmt.__file__).parent
-        for name in HUB_FILES:  # the package's current code, whatever save_pretrained picked up
-            shutil.copyfile(package / name, staging / name)
-        loaded_tokenizer.save_pretrained(staging)
-        _drop_local_loading_options(staging / "tokenizer_config.json")
-        if card is not None:
-            _copy_card(Path(card), staging)
-        else:
-            architecture = model.config.architectures[0]
-            (staging / "README.md").write_text(minimal_card(repo_id or f"ORG/{out_dir.name}", architecture))
-        unexpected = _foreign_files(staging)
-        if unexpected or {p.name for p in staging.glob("*.py")} != set(HUB_FILES):
-            raise ExportError(f"the export would hold unexpected files: {unexpected or sorted(staging.glob('*.py'))}")
-        _check_code(staging)
-        _check_weights(staging, target)
-        marker = {"written_by": "conversion.export", "note": "marks an export that --overwrite may replace"}
-        (staging / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
-        make_like_a_new_folder(staging)
-        if out_dir.exists():  # empty, or an earlier export: checked again, as it may have changed meanwhile
-            _check_output(out_dir, checkpoint, overwrite)
-            replaced = staging.with_name(staging.name + "-replaced")
-            out_dir.rename(replaced)  # kept until the new export is in place
-            staging.rename(out_dir)
-            shutil.rmtree(replaced)
-        else:
-            staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    with export_lock(out_dir):
+        recover(out_dir)
+        earlier = check_output(out_dir, checkpoint, overwrite, replace_edited)
+        model = _load_model(checkpoint)
+        loaded_tokenizer = _load_tokenizer(tokenizer_source, model.config)
+        target = DTYPES[dtype] if dtype is not None else None
+        if target is not None:
+            model = model.to(target)  # every floating parameter and buffer: backbone, memory, head alike
+            for key in model.config.sub_configs:  # save_pretrained records the new dtype at the top level only
+                if getattr(model.config, key, None) is not None:
+                    getattr(model.config, key).dtype = target
+        if hasattr(model.config, "export_id"):  # the checkpoint is itself an export: the new one gets its own id
+            del model.config.export_id
+        staging = new_staging(out_dir)
+        try:
+            model.save_pretrained(staging)
+            package = Path(modeling_rmt.__file__).parent
+            for name in HUB_FILES:  # the package's current code, whatever save_pretrained picked up
+                shutil.copyfile(package / name, staging / name)
+            loaded_tokenizer.save_pretrained(staging)
+            _drop_local_loading_options(staging / "tokenizer_config.json")
+            if card is not None:
+                copy_card(Path(card), staging)
+            else:
+                architecture = model.config.architectures[0]
+                (staging / "README.md").write_text(minimal_card(repo_id or f"ORG/{out_dir.name}", architecture))
+            unexpected = _foreign_files(staging)
+            if unexpected or {p.name for p in staging.glob("*.py")} != set(HUB_FILES):
+                found = unexpected or sorted(staging.glob("*.py"))
+                raise ExportError(f"the export would hold unexpected files: {found}")
+            content = content_digest(staging)
+            export_id = new_export_id(out_dir, content)
+            record_export_id(staging, export_id)
+            _check_code(staging)
+            _check_weights(staging, target)
+            write_marker(staging, export_id, content)
+            make_like_a_new_folder(staging)
+            publish(staging, out_dir, earlier)
+        except BaseException:
+            if not journal_path(out_dir).exists():  # else the swap began: the next run finishes it
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+    if earlier is not None and earlier.kept:
+        print(f"kept your files in {out_dir}: {', '.join(earlier.kept)} (not written by the earlier export)")
+    return Path(given)
 
 
 def folder_files(folder: str | Path) -> list[tuple[str, int]]:
-    """(relative name, size in bytes) of every file under `folder`, sorted by name."""
+    """(name, size in bytes) of the export's own files in `folder`, sorted by name: those its marker lists
+    (for an export whose marker has no list: every file under `folder` but the marker)."""
     folder = Path(folder)
-    return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*")
-                  if p.is_file() and p.name != EXPORT_MARKER)  # fmt: skip
+    names = export_files(folder)
+    if names is None:
+        return sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*")
+                      if p.is_file() and p.name != EXPORT_MARKER)  # fmt: skip
+    return [(name, (folder / name).stat().st_size) for name in names]
+
+
+def kept_files(folder: str | Path) -> list[str]:
+    """Entries of the export folder `folder` that the export did not write: the user's, kept and not uploaded."""
+    folder, names = Path(folder), export_files(Path(folder))
+    if names is None:
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in names and p.name != EXPORT_MARKER)
 
 
 def print_summary(folder: str | Path, title: str) -> None:
-    """Print `title`, then every file of `folder` with its size, and the total."""
+    """Print `title`, then every file of the export in `folder` with its size, the total and the user's files."""
     files = folder_files(folder)
     print(title)
     for name, size in files:
         print(f"  {size / 1e6:10.3f} MB  {name}")
     print(f"  {len(files)} files, {sum(size for _, size in files) / 1e6:.3f} MB in total")
+    if kept := kept_files(folder):
+        print(f"  kept beside them (yours: not uploaded): {', '.join(kept)}")
 
 
 def upload_export(folder: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False) -> str | None:
-    """Create `repo_id` if needed and upload `folder`; with `dry_run` only print what would be sent."""
+    """Create `repo_id` if needed and upload the export's own files in `folder` (never the user's files kept
+    there, nor the marker); with `dry_run` only print what would be sent."""
     visibility = "private" if private else "public"
     if dry_run:
         print_summary(folder, f"dry run: would upload to https://huggingface.co/{repo_id} ({visibility} model repo):")
@@ -328,10 +318,26 @@ def upload_export(folder: str | Path, repo_id: str, *, private: bool = False, dr
     api = HfApi()
     url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     message = "Upload RMT model (conversion.export)"
+    allow = [glob.escape(name) for name, _ in folder_files(folder)]
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=message,
-                      ignore_patterns=[EXPORT_MARKER])  # fmt: skip
+                      allow_patterns=allow, ignore_patterns=[EXPORT_MARKER])  # fmt: skip
     print(f"uploaded {folder} to {url}")
     return str(url)
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    """Build the export in a temporary folder and print what `--upload` would send; OUT_DIR is only read."""
+    out_dir = Path(os.path.abspath(args.out_dir))
+    earlier = check_output(out_dir, Path(args.checkpoint_dir), args.overwrite, args.replace_edited)
+    with tempfile.TemporaryDirectory() as temporary:
+        preview = export_checkpoint(
+            args.checkpoint_dir, Path(temporary) / (out_dir.name or "export"), card=args.card, dtype=args.dtype,
+            repo_id=args.repo_id, tokenizer=args.tokenizer,
+        )  # fmt: skip
+        upload_export(preview, args.repo_id, private=args.private, dry_run=True)
+    if earlier is not None:
+        kept = f"; yours would be kept: {', '.join(earlier.kept)}" if earlier.kept else ""
+        print(f"{args.out_dir} was left as it is; the export would replace the earlier export there{kept}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,7 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upload", action="store_true", help="upload the folder to --repo-id")
     parser.add_argument("--dry-run", action="store_true", help="print what --upload would send; no network")
     parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR (only the "
+                        "files it wrote: yours are kept)")  # fmt: skip
+    parser.add_argument(
+        "--replace-edited",
+        action="store_true",
+        help="with --overwrite: replace the earlier "
+        "export's files even where they were edited since (or their edits cannot be checked)",
+    )
     args = parser.parse_args(argv)
     if (args.upload or args.dry_run) and not args.repo_id:
         parser.error("--upload and --dry-run need --repo-id org/name")
@@ -356,16 +369,18 @@ def main(argv: list[str] | None = None) -> None:
             validate_repo_id(args.repo_id)
         except HFValidationError as error:
             parser.error(f"--repo-id: {error}")
+    if args.replace_edited and not args.overwrite:
+        parser.error("--replace-edited goes with --overwrite")
     try:
+        if args.dry_run:
+            dry_run(args)
+            return
         out = export_checkpoint(
             args.checkpoint_dir, args.out_dir, card=args.card, dtype=args.dtype, repo_id=args.repo_id,
-            overwrite=args.overwrite, tokenizer=args.tokenizer,
+            overwrite=args.overwrite, tokenizer=args.tokenizer, replace_edited=args.replace_edited,
         )  # fmt: skip
     except ExportError as error:
         sys.exit(f"error: {error}")
-    if args.dry_run:  # lists the files too
-        upload_export(out, args.repo_id, private=args.private, dry_run=True)
-        return
     print_summary(out, f"exported {args.checkpoint_dir} to {out}:")
     if args.upload:
         upload_export(out, args.repo_id, private=args.private)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
-from conversion.from_backbone import long_document_tokenizer, refuse_non_empty, write_new_folder
+from conversion.authors_files import load_authors_checkpoint
+from conversion.from_backbone import count, long_document_tokenizer, refuse_non_empty, run_or_exit, write_new_folder
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification, RMTPreTrainedModel
 from modeling_rmt.configuration_rmt import backbone_position_limit, segment_overhead
 
@@ -48,12 +48,7 @@ ARMT_KEY = re.compile(r"\.W_m[qkvb]\.(weight|bias)$")
 LEGACY_BUFFERS = re.compile(
     r"(^|\.)(attn\.bias|attn\.masked_bias|embeddings\.position_ids|embeddings\.token_type_ids|rotary_emb\.inv_freq)$"
 )
-CHECKPOINT_FILES = ("model_best.pth", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The checkpoint holds Python objects besides tensors and plain containers; it is not unpickled."""
 
 
 @dataclass
@@ -77,33 +72,6 @@ class ConversionReport:
 
 
 # ----- reading the source ---------------------------------------------------------------------------
-
-
-def load_authors_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of an authors' checkpoint file (or a folder holding one), opened with
-    `torch.load(weights_only=True)`; a trainer checkpoint's `model_state_dict` is taken, its other entries
-    (optimizer, scheduler, ...) are ignored."""
-    path = Path(path)
-    if path.is_dir():
-        found = [path / name for name in CHECKPOINT_FILES if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path} holds none of {', '.join(CHECKPOINT_FILES)}; pass the checkpoint file.")
-        path = found[0]
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(
-            f"{path} holds Python objects other than tensors and plain containers, so it was not loaded: "
-            "checkpoints are opened only with torch.load(weights_only=True), which never runs code from the file. "
-            "If you trust the file, re-save just its weights (torch.save(state_dict, 'weights.pth')) and convert "
-            f"that. torch reported: {error}"
-        ) from error
-    if isinstance(loaded, dict) and isinstance(loaded.get("model_state_dict"), Mapping):
-        loaded = loaded["model_state_dict"]
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        seen = list(loaded)[:12] if isinstance(loaded, Mapping) else type(loaded).__name__
-        raise ValueError(f"{path} is neither a state dict nor a trainer checkpoint with 'model_state_dict': {seen}")
-    return dict(loaded)
 
 
 def _detect(state: Mapping[str, torch.Tensor]) -> str | None:
@@ -165,7 +133,9 @@ def _encoder(state: dict, text_config: PreTrainedConfig, options: dict, report_n
         if tokenizer is not None and getattr(tokenizer, name, None) not in (None, value):
             raise ValueError(f"The checkpoint's {name} is {value}, the tokenizer's {getattr(tokenizer, name)}.")
     pad = tokenizer.pad_token_id if tokenizer is not None else text_config.pad_token_id
-    segment_size = options["segment_size"] or backbone_position_limit(text_config) - segment_overhead(text_config, m)
+    segment_size = options["segment_size"]
+    if segment_size is None:  # the most that fits the backbone's positions
+        segment_size = backbone_position_limit(text_config) - segment_overhead(text_config, m)
     config = RMTConfig(text_config=text_config, num_mem_tokens=m, segment_size=segment_size, cls_token_id=cls_id,
                        sep_token_id=sep_id, pad_token_id=pad, **options["config_kwargs"])  # fmt: skip
     model = RMTForSequenceClassification(config)
@@ -225,7 +195,7 @@ def _decoder(state: dict, text_config: PreTrainedConfig, options: dict, layout: 
             raise ValueError(f"W_mb has {outputs} = hidden_size outputs: the gated ARMT variant, not supported.")
         if outputs is not None and heads not in (None, outputs):
             raise ValueError(f"W_mb has {outputs} outputs (one per memory head) but armt_num_heads={heads}.")
-        heads = heads or outputs or 1
+        heads = heads if heads is not None else outputs if outputs is not None else 1
         if options["config_kwargs"].get("armt_normalize_features") is None:
             raise ValueError(
                 "An ARMT checkpoint does not record whether its code L2-normalised the key features phi(q), phi(k): "
@@ -436,23 +406,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto")
     parser.add_argument("--backbone", required=True, help="the backbone's AutoConfig id or folder, or a model folder")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the backbone folder's)")
-    parser.add_argument("--num-mem-tokens", type=int, default=None, help="checked against the checkpoint")
-    parser.add_argument("--segment-size", type=int, default=None, help="required for decoders (authors' GPT-2: 512)")
-    parser.add_argument("--armt-num-heads", type=int, default=None, help="default: W_mb's outputs")
+    parser.add_argument("--num-mem-tokens", type=count(1), default=None, help="checked against the checkpoint")
+    parser.add_argument(
+        "--segment-size", type=count(1), default=None, help="required for decoders (authors' GPT-2: 512)"
+    )
+    parser.add_argument("--armt-num-heads", type=count(1), default=None, help="default: W_mb's outputs")
     parser.add_argument("--armt-correction", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--armt-normalize-features", action=argparse.BooleanOptionalAction, default=None,
                         help="ARMT: whether the checkpoint's code L2-normalised phi(q), phi(k) (the authors' code "
                         "from 2024-08-28 on: yes; the paper's GPT-2 checkpoints: no); required for ARMT")  # fmt: skip
-    parser.add_argument("--max-n-segments", type=int, default=None)
+    parser.add_argument("--max-n-segments", type=count(1), default=None)
     args = parser.parse_args(argv)
     kwargs: dict[str, Any] = dict(num_mem_tokens=args.num_mem_tokens, segment_size=args.segment_size,
                                   armt_num_heads=args.armt_num_heads, max_n_segments=args.max_n_segments)  # fmt: skip
     kwargs.update({} if args.armt_correction else {"armt_correction": False})
     if args.armt_normalize_features is not None:
         kwargs["armt_normalize_features"] = args.armt_normalize_features
-    _, report = convert_authors_checkpoint(
-        args.source, args.output_dir, backbone=args.backbone, layout=args.layout, tokenizer=args.tokenizer, **kwargs
-    )
+    _, report = run_or_exit(
+        parser, convert_authors_checkpoint, args.source, args.output_dir, backbone=args.backbone, layout=args.layout,
+        tokenizer=args.tokenizer, **kwargs,
+    )  # fmt: skip
     print(report)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from model_cards.inference import inference_problem, inference_section
+
 HERE = Path(__file__).parent
 NUMBER = (int, float)
 # field -> accepted type(s); a missing or mistyped one is an error naming the field.
@@ -32,7 +34,7 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "training.curriculum_history": {"step": int, "segments": int, "best": NUMBER, "reason": str},
 }  # fmt: skip
 OPTIONAL: dict[str, dict[str, Any]] = {
-    "": {"base_model": str, "datasets": list, "plot": str, "notes": str, "example": bool},
+    "": {"base_model": str, "datasets": list, "plot": str, "notes": str, "example": bool, "inference": dict},
     "config": {"backbone": str},  # what it was built on when there is no base model (trained from scratch)
     "training": {
         "noise": str,
@@ -133,6 +135,8 @@ def validate(results: dict[str, Any]) -> dict[str, Any]:
         raise ResultsError("field 'training.tasks' must be a non-empty list of task names")
     if any(not isinstance(item, str) for item in results["limitations"]) or not results["limitations"]:
         raise ResultsError("field 'limitations' must be a non-empty list of strings")
+    if "inference" in results and (problem := inference_problem(results["inference"])):
+        raise ResultsError(problem)
     return results
 
 
@@ -334,6 +338,7 @@ def render_card(results: dict[str, Any]) -> str:
         "",
         _usage(results),
         "",
+        *inference_section(results),
         "## Evaluation",
         "",
         f"Accuracy by document length (n: documents per cell, then the 95% Wilson interval where measured); "

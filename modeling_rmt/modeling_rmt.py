@@ -18,6 +18,7 @@ from .generation import (
     memory_slots,
     prefill,
 )
+from .loading import bert_as_decoder
 from .memory import MemoryState
 from .outputs import CACHE_NAME, RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
 from .pretrained import RMTPreTrainedModel, scatter_rows
@@ -113,9 +114,10 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
         return_dict: bool | None = None,
     ) -> RMTSequenceClassifierOutput | tuple:
         plan = self._plan(input_ids, attention_mask, token_type_ids)
-        if labels is not None:
-            self._check_labels(labels, plan.batch_size)
+        ignored = self._check_labels(labels, plan.batch_size) if labels is not None else None
         mean_loss = labels is not None and self.config.segment_loss == "mean"
+        # documents labelled -100 (the ignore index): left out of the mean loss as cross-entropy leaves them out
+        skipped = set(ignored.nonzero().flatten().tolist()) if mean_loss and ignored is not None else set()
         segment_logits, segment_states = [], []
         loss_sums = None
         for segment, outputs, state in self._segments(plan, memory_state, output_hidden_states=True):  # noqa: B007
@@ -126,6 +128,7 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
             if mean_loss:  # each document's loss, summed over its segments
                 row_losses = torch.stack(
                     [self.loss_function(labels[row : row + 1], outputs.logits[i : i + 1], self.config)
+                     if row not in skipped else outputs.logits.new_zeros(())
                      for i, row in enumerate(segment.rows.tolist())]
                 )  # fmt: skip
                 loss_sums = row_losses.new_zeros(plan.batch_size) if loss_sums is None else loss_sums
@@ -134,7 +137,8 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
         loss = None
         if labels is not None:
             if mean_loss:  # the mean over each document's segments, then over documents
-                loss = (loss_sums / plan.segments_per_document.to(loss_sums.dtype)).mean()
+                per_document = loss_sums / plan.segments_per_document.to(loss_sums.dtype)
+                loss = per_document[~ignored].mean() if skipped else per_document.mean()
             else:
                 loss = self.loss_function(labels, logits, self.config)
         output = RMTSequenceClassifierOutput(
@@ -147,8 +151,9 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def _check_labels(self, labels: torch.Tensor, batch_size: int) -> None:
-        """Check labels against the problem type the loss will use (inferred as transformers does)."""
+    def _check_labels(self, labels: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+        """Check labels against the problem type the loss will use (inferred as transformers does); for
+        single-label classification, return which documents are labelled -100 (ignored, as by cross-entropy)."""
         num_labels, shape = self.config.num_labels, tuple(labels.shape)
         integer = not labels.is_floating_point()
         problem = self.config.problem_type or (
@@ -170,6 +175,31 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
                 f"labels have shape {shape} and dtype {labels.dtype}; a {problem} head with {num_labels} labels "
                 f"expects {expected} for a batch of {batch_size} documents."
             )
+        if problem != "single_label_classification":
+            return None
+        labels = labels.reshape(-1)
+        ignored = labels == -100
+        outside = ~ignored & ((labels < 0) | (labels >= num_labels))
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0, 0])
+            raise ValueError(
+                f"labels[{row}] is {int(labels[row])}, outside this head's {num_labels} classes (0..{num_labels - 1}); "
+                "-100 marks a document left out of the loss. Check the label mapping, or set num_labels."
+            )
+        return ignored.to(self.device)
+
+
+def _check_token_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Causal LM labels are token ids of the output vocabulary, or -100 where no loss is wanted."""
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids (-100 where no loss is wanted), got dtype {labels.dtype}.")
+    outside = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(outside.any()):
+        row, column = outside.nonzero()[0].tolist()
+        raise ValueError(
+            f"labels[{row}, {column}] is {int(labels[row, column])}, outside the output vocabulary of {vocab_size} "
+            "tokens; use the tokenizer's ids, and -100 where no loss is wanted."
+        )
 
 
 def _labels_in_window(labels: torch.Tensor, first_kept: int) -> torch.Tensor:
@@ -226,6 +256,13 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         elif AutoConfig.from_pretrained(pretrained_model_name_or_path).model_type in CAUSAL_ENCODER_FAMILIES:
             backbone_kwargs.setdefault("is_decoder", True)
         return super().from_backbone(pretrained_model_name_or_path, backbone_kwargs=backbone_kwargs, **kwargs)
+
+    @classmethod
+    def _load_backbone(cls, name: Any, backbone_kwargs: dict[str, Any]) -> Any:
+        """A BERT encoder loads as a decoder whose LM head is tied to its embeddings (`bert_as_decoder`)."""
+        if backbone_kwargs.get("is_decoder") and AutoConfig.from_pretrained(name).model_type == "bert":
+            return bert_as_decoder(name, backbone_kwargs)
+        return super()._load_backbone(name, backbone_kwargs)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.backbone.get_output_embeddings()
@@ -284,6 +321,10 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
     def _full_forward(self, input_ids, attention_mask, labels, memory_state, logits_to_keep, **loss_kwargs):
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(
+                f"logits_to_keep must be an int >= 0 (logits of the last k positions; 0: all), got {logits_to_keep!r}."
+            )
         plan = self._plan(input_ids, attention_mask, None)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
@@ -295,6 +336,7 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         if labels is not None:
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
+            _check_token_labels(labels, self.get_output_embeddings().weight.shape[0])
             labels = _labels_in_window(labels, first_kept)
         kept_rows, kept_columns, kept_hidden = [], [], []
         for segment, token_hidden, state in self._segments(plan, memory_state):  # noqa: B007

@@ -17,14 +17,8 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from conversion.from_authors import (
-    UnsafeCheckpointError,
-    convert_authors_checkpoint,
-    detect_layout,
-    load_authors_checkpoint,
-    main,
-    to_authors_layout,
-)
+from conversion.authors_files import NotACheckpointError, UnsafeCheckpointError, load_authors_checkpoint
+from conversion.from_authors import convert_authors_checkpoint, detect_layout, main, to_authors_layout
 from conversion.from_backbone import LONG_DOCUMENT_TOKENS
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification
 
@@ -292,11 +286,93 @@ def test_command_line_saves_the_tokenizer_and_checks_its_size(tmp_path, capsys):
     assert "decoder checkpoint -> RMTForCausalLM" in capsys.readouterr().out
     assert AutoTokenizer.from_pretrained(tmp_path / "out").model_max_length == LONG_DOCUMENT_TOKENS
     word_tokenizer(LM_VOCAB + 8).save_pretrained(tmp_path / "large")  # more tokens than embedding rows
-    with pytest.raises(ValueError, match=rf"{LM_VOCAB + 8} tokens.*{LM_VOCAB} rows"):
+    with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out2"), "--backbone", str(tmp_path / "backbone"),
               "--segment-size", str(LM_SEGMENT), "--tokenizer", str(tmp_path / "large")])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert re.search(rf"error: .*{LM_VOCAB + 8} tokens.*{LM_VOCAB} rows", one_error_line(capsys))
     saved = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
-    with pytest.raises(ValueError, match="not empty"):  # an earlier conversion is never written over
+    with pytest.raises(SystemExit):  # an earlier conversion is never written over
         main([str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"), "--backbone", str(tmp_path / "backbone"),
               "--segment-size", str(LM_SEGMENT)])  # fmt: skip
+    assert "not empty" in one_error_line(capsys)
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == saved
+
+
+def one_error_line(capsys) -> str:
+    """What a command line printed on failure: one `error: ...` line, last on stderr (after any progress bars
+    and argparse's usage), no traceback."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert "Traceback" not in captured.err and [line for line in lines if "error" in line] == lines[-1:], captured.err
+    return lines[-1]
+
+
+NOT_CHECKPOINTS = {
+    "text": b"epoch 3, accuracy 0.97\nthis is a log, not weights\n",
+    "zip": None,  # a zip archive that torch.save did not write
+    "random": bytes(range(256)) * 8,
+    "empty": b"",
+    "pickle": b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00]\x94K\x01a.",  # pickle.dumps([1])
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_CHECKPOINTS))
+def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path, capsys, kind):
+    import zipfile
+
+    path = tmp_path / "model_best.pth"
+    if kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "hello")
+    else:
+        path.write_bytes(NOT_CHECKPOINTS[kind])
+    with pytest.raises(NotACheckpointError, match=r"model_best\.pth is not a PyTorch checkpoint"):
+        load_authors_checkpoint(path)
+    decoder_config().save_pretrained(tmp_path / "backbone")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), str(tmp_path / "out"), "--backbone", str(tmp_path / "backbone"), "--segment-size", "5"])
+    line = one_error_line(capsys)
+    assert exit_info.value.code == 1 and "is not a PyTorch checkpoint" in line and "Python objects" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_torch_file_is_not_read_as_unsafe(tmp_path):
+    _, _, state = authors_decoder()
+    torch.save(state, tmp_path / "whole.bin")
+    data = (tmp_path / "whole.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NotACheckpointError, match="not a PyTorch checkpoint.*truncated or damaged zip"):
+        load_authors_checkpoint(tmp_path / "cut.bin")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--segment-size", "0"], "argument --segment-size: must be an integer >= 1, got 0"),
+     (["--segment-size", "-5"], "argument --segment-size: must be an integer >= 1, got -5"),
+     (["--num-mem-tokens", "0"], "argument --num-mem-tokens: must be an integer >= 1, got 0"),
+     (["--armt-num-heads", "0"], "argument --armt-num-heads: must be an integer >= 1, got 0"),
+     (["--max-n-segments", "x"], "argument --max-n-segments: must be an integer >= 1, got 'x'")],
+)  # fmt: skip
+def test_command_line_refuses_impossible_counts_in_one_line(tmp_path, capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "c.bin"), str(tmp_path / "out"), "--backbone", str(tmp_path), *arguments])
+    assert exit_info.value.code == 2 and message in one_error_line(capsys)
+
+
+def test_command_line_reports_config_and_loading_errors_in_one_line(tmp_path, capsys):
+    _, _, state = authors_decoder()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    decoder_config().save_pretrained(tmp_path / "backbone")
+    common = [str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"), "--backbone"]
+    with pytest.raises(SystemExit) as exit_info:  # RMTConfig's validation: the segment does not fit 64 positions
+        main([*common, str(tmp_path / "backbone"), "--segment-size", "100"])
+    assert exit_info.value.code == 1 and "error: A segment needs 106 positions" in one_error_line(capsys)
+    with pytest.raises(SystemExit):  # no such backbone folder
+        main([*common, str(tmp_path / "missing"), "--segment-size", str(LM_SEGMENT)])
+    assert "error: " in one_error_line(capsys)
+    torch.save({"model_state_dict": state, "args": NotATensor()}, tmp_path / "unsafe.pth")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "unsafe.pth"), *common[1:], str(tmp_path / "backbone"), "--segment-size", "5"])
+    assert "holds Python objects other than tensors" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()

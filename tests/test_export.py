@@ -156,7 +156,7 @@ class NoHfApi:
         raise AssertionError("--dry-run must not touch the Hub")
 
 
-def test_dry_run_lists_the_files_and_makes_no_network_call(checkpoint, tmp_path, monkeypatch, capsys):
+def test_dry_run_lists_the_files_and_makes_no_network_call(checkpoint, exported, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(export, "HfApi", NoHfApi)
 
     def no_connection(*args, **kwargs):
@@ -169,8 +169,9 @@ def test_dry_run_lists_the_files_and_makes_no_network_call(checkpoint, tmp_path,
     for name in EXPORTED - {EXPORT_MARKER}:  # the marker stays local
         assert name in printed
     assert EXPORT_MARKER not in printed
-    size = (tmp_path / "out" / "model.safetensors").stat().st_size / 1e6
+    size = (exported / "model.safetensors").stat().st_size / 1e6  # the same model: the same bytes
     assert f"{size:10.3f} MB  model.safetensors" in printed and f"{len(EXPORTED) - 1} files" in printed
+    assert list(tmp_path.iterdir()) == []  # built in a temporary folder: OUT_DIR was never written
 
 
 def test_upload_creates_the_repo_and_uploads_the_folder_with_the_card(checkpoint, tmp_path, monkeypatch, capsys):
@@ -186,6 +187,7 @@ def test_upload_creates_the_repo_and_uploads_the_folder_with_the_card(checkpoint
         ("create_repo", (REPO,), {"repo_type": "model", "private": False, "exist_ok": True}),
         ("upload_folder", (), {"repo_id": REPO, "folder_path": str(out), "repo_type": "model",
                                "commit_message": "Upload RMT model (conversion.export)",
+                               "allow_patterns": sorted(EXPORTED - {EXPORT_MARKER} | {"accuracy.png"}),
                                "ignore_patterns": [EXPORT_MARKER]}),
     ]  # fmt: skip
     assert (out / "README.md").read_text() == card.read_text()

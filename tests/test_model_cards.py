@@ -141,3 +141,45 @@ def test_plot_accuracy_draws_a_png_beside_the_card(results, tmp_path):
     assert path.read_bytes().startswith(b"\x89PNG")
     card = generate(EXAMPLE, tmp_path / "cards" / "rmt-example.md")
     assert (card.parent / results["plot"]).read_bytes().startswith(b"\x89PNG")
+
+
+CARDS = Path(__file__).parents[1] / "model_cards"
+
+
+@pytest.mark.parametrize("name", ["rmt-minilm", "rmt-minilm-qa1", "armt-minilm-qa1"])
+def test_each_card_says_how_to_ask_what_dtype_loads_and_what_it_answers_without_an_answer(name):
+    measured = load_results(CARDS / f"{name}.json")
+    block = measured["inference"]
+    card = render_card(measured)
+    assert (CARDS / f"{name}.md").read_text() == card, "regenerate: python -m model_cards.generate ... --no-plot"
+    _, body = split_card(card)
+    section = body.split("## Input, precision and unanswerable documents", 1)[1].split("## Evaluation", 1)[0]
+    assert "Where is Mary?" in section and ", ".join(block["labels"]) in section
+    assert block["weights_dtype"] == block["loads_as"] == "float16"  # as exported; transformers keeps it
+    assert "stored in float16" in section and "loads them in float16" in section and "AVX512-BF16" in section
+    native = next(row for row in block["speed"] if row["kernels"] == "native")
+    assert f"| {native['seconds']['float32']:.2f} s | {native['seconds']['bfloat16']:.2f} s |" in section
+    for cell in block["no_answer"]:
+        answers = ", ".join(f"{answer} {count}" for answer, count in cell["answers"].items())
+        assert sum(cell["answers"].values()) == cell["samples"] and answers in section
+        assert f"{cell['confidence_mean']:.3f} ({cell['confidence_min']:.3f}-{cell['confidence_max']:.3f})" in section
+    if name == "rmt-minilm":  # the classifier's default answer, as the issue reported it
+        no_fact = [cell for cell in block["no_answer"] if cell["case"] == "no_fact"]
+        assert all(cell["answers"] == {"garden": cell["samples"]} for cell in no_fact)
+        assert all(0.95 < cell["confidence_mean"] for cell in no_fact)
+        assert "it always answers one of its labels" in section and "`[CLS]`" in section
+    else:
+        assert "it still generates a place" in section and "no special tokens" in section
+
+
+def test_a_wrong_inference_block_is_named():
+    measured = load_results(CARDS / "rmt-minilm.json")
+    del measured["inference"]["no_answer"][1]["confidence_max"]
+    with pytest.raises(ResultsError, match=re.escape("missing field 'inference.no_answer[1].confidence_max'")):
+        validate(measured)
+    measured = load_results(CARDS / "rmt-minilm.json")
+    measured["inference"]["no_answer"][0]["case"] = "empty"
+    with pytest.raises(ResultsError, match="case' must be one of no_fact, other_person"):
+        validate(measured)
+    del measured["inference"]
+    assert "## Input, precision" not in render_card(measured)  # the section is optional

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
@@ -31,6 +32,31 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_rmt.RMTForSequenceClassification",
     "AutoModelForCausalLM": "modeling_rmt.RMTForCausalLM",
 }
+
+
+# Setting types, checked before any value (values come from code and from hand-edited config.json files alike).
+COUNT_SETTINGS = ("num_mem_tokens", "segment_size", "max_n_segments", "bptt_depth", "armt_d_mem", "armt_num_heads")
+TOKEN_SETTINGS = ("cls_token_id", "sep_token_id", "pad_token_id")
+FLAG_SETTINGS = ("armt_correction", "armt_normalize_features", "diagonal_batching")
+# Keyword arguments PreTrainedConfig takes besides its fields (popped in its __post_init__ or set by from_dict).
+PRETRAINED_CONFIG_KWARGS = ("name_or_path", "_name_or_path", "torch_dtype", "attn_implementation", "num_labels",
+                            "experts_implementation", "output_attentions", "per_layer_config", "_commit_hash",
+                            "auto_map", "model_type", "tie_word_embeddings")  # fmt: skip
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """Whether `a` becomes `b` by one insertion, deletion, substitution or swap of neighbouring characters."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diffs = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        swapped = (
+            len(diffs) == 2 and diffs[1] == diffs[0] + 1 and a[diffs[0]] == b[diffs[1]] and a[diffs[1]] == b[diffs[0]]
+        )
+        return len(diffs) == 1 or swapped
+    short, long = sorted((a, b), key=len)
+    first = next((i for i, (x, y) in enumerate(zip(short, long, strict=False)) if x != y), len(short))
+    return short[first:] == long[first + 1 :]
 
 
 def is_decoder_family(text_config: PreTrainedConfig) -> bool:
@@ -124,6 +150,7 @@ class RMTConfig(PreTrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        self.refuse_misspelt_settings(kwargs)
         text_config_given = self.text_config is not None
         self.text_config = _as_backbone_config(self.text_config)
         backbone_attention = self.text_config._attn_implementation  # set on the backbone's config, if at all
@@ -145,8 +172,89 @@ class RMTConfig(PreTrainedConfig):
             self.sync_labels_to_backbone()
         self.validate_rmt()
 
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """The RMT settings: this class's own fields besides `text_config`."""
+        inherited = {field.name for field in dataclasses.fields(PreTrainedConfig)} | {"text_config"}
+        return tuple(field.name for field in dataclasses.fields(cls) if field.name not in inherited)
+
+    @classmethod
+    def refuse_misspelt_settings(cls, kwargs: dict[str, Any]) -> None:
+        """ValueError for a keyword one edit away from an RMT setting (e.g. `num_mem_token=4`): PreTrainedConfig
+        would store it as an unused attribute and the setting would silently keep its default."""
+        known = set(dir(PreTrainedConfig)) | set(PRETRAINED_CONFIG_KWARGS)
+        for key, value in kwargs.items():
+            if key in known:
+                continue
+            near = [name for name in cls.setting_names() if one_edit_apart(key, name)]
+            if near:
+                raise ValueError(
+                    f"RMTConfig got {key}={value!r}, which is not a setting: did you mean {near[0]}? Spell it "
+                    f"{near[0]} (in config.json too); a misspelt setting would be ignored."
+                )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """As transformers builds a config; settings given as keyword arguments (set after construction by
+        transformers) are checked like the file's own."""
+        cls.refuse_misspelt_settings(kwargs)
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if set(kwargs) & set(cls.setting_names()):
+            config.validate_rmt()
+        return loaded
+
+    def settings_snapshot(self) -> tuple:
+        """Every RMT setting's (name, type, value): compares unequal when any setting changed, even 1 to True."""
+        return tuple((name, type(value), value) for name in self.setting_names() for value in [getattr(self, name)])
+
+    def build_settings(self) -> dict[str, Any]:
+        """The settings a model's memory is built from (weight shapes, the layers' update rule): fixed for the
+        model's lifetime."""
+        names = ["memory_type", "num_mem_tokens"]
+        if self.memory_type == "armt":
+            names += ["armt_d_mem", "armt_num_heads", "armt_correction", "armt_normalize_features"]
+        return {name: getattr(self, name) for name in names}
+
+    def refuse_changed_build_settings(self, built: dict[str, Any], model_class: str) -> None:
+        """ValueError when a setting of `build_settings` differs from `built`, the value the model was built with."""
+        self._check_setting_types()  # a wrong type is named as such first
+        for name, value in built.items():
+            now = getattr(self, name)
+            if type(now) is not type(value) or now != value:
+                raise ValueError(
+                    f"model.config.{name} was changed to {now!r}, but this model was built with {name}={value!r}: "
+                    "its memory's weights and modules keep that setting, so the config no longer describes the model "
+                    f"(a checkpoint saved now could not be loaded back). Set it back to {value!r}, or build a new "
+                    f"model with it: {model_class}.from_backbone(<backbone>, {name}={now!r}, ...) puts a fresh memory "
+                    "on a backbone; from_pretrained reloads a saved one."
+                )
+
+    def _check_setting_types(self) -> None:
+        """Counts and token ids must be ints (not bool, str or float), flags bools: values from code and from
+        hand-edited config.json files alike."""
+        for name in (*COUNT_SETTINGS, *TOKEN_SETTINGS):
+            value = getattr(self, name)
+            optional = name in TOKEN_SETTINGS or name == "max_n_segments"
+            values = value if isinstance(value, list) and name in TOKEN_SETTINGS else [value]
+            for item in values:
+                if (item is None and optional) or (isinstance(item, int) and not isinstance(item, bool)):
+                    continue
+                raise ValueError(
+                    f"{name} must be an integer{' or None' if optional else ''}, got {item!r} ({type(item).__name__}):"
+                    " write a whole number, without quotes or a decimal point (in config.json too)."
+                )
+        for name in FLAG_SETTINGS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"{name} must be True or False, got {value!r} ({type(value).__name__}); in config.json write "
+                    f"true or false without quotes."
+                )
+
     def validate_rmt(self) -> None:
         """Check every RMT setting against the backbone; raise ValueError naming the fix."""
+        self._check_setting_types()
         family = self.text_config.model_type
         if family not in ENCODER_FAMILIES and family not in DECODER_FAMILIES:
             raise ValueError(

@@ -71,6 +71,24 @@ class _BatchFirstState:
     def batch_size(state: MemoryState) -> int:
         return (state if isinstance(state, torch.Tensor) else state[0]).shape[0]
 
+    def prepare_state(self, state: MemoryState, batch_size: int) -> MemoryState:
+        """A user-supplied state, checked (`check_state`: shapes; finite floats) and cast to the dtype and device
+        this memory keeps its state in (RMT: the memory tokens'; ARMT: float32), as every part of it is."""
+        self.check_state(state, batch_size)
+        parts = (state,) if isinstance(state, torch.Tensor) else tuple(state)
+        if not all(part.is_floating_point() for part in parts):
+            dtypes = ", ".join(str(part.dtype) for part in parts)
+            raise ValueError(
+                f"memory_state must hold floating-point values, got {dtypes}: pass a state a model returned."
+            )
+        if not bool(torch.stack([torch.isfinite(part).all() for part in parts]).all()):
+            raise ValueError(
+                "memory_state holds NaN or infinite values (from a diverged or overflowing run?): pass a finite state "
+                "(one returned by a healthy call), or memory_state=None to start from the learned memory."
+            )
+        device, dtype = self.memory_tokens.device, self.state_dtype
+        return self._map(lambda part: part.to(device=device, dtype=dtype), state)
+
 
 class TokenMemory(nn.Module, _BatchFirstState):
     """RMT memory: `num_mem_tokens` vectors recurring through the backbone's last hidden states."""
@@ -82,6 +100,10 @@ class TokenMemory(nn.Module, _BatchFirstState):
         self.num_mem_tokens = num_mem_tokens
         self.hidden_size = hidden_size
         self.memory_tokens = nn.Parameter(torch.zeros(num_mem_tokens, hidden_size))
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return self.memory_tokens.dtype
 
     def init_state(self, batch_size: int) -> torch.Tensor:
         """The learned initial memory, one copy per document: [batch, num_mem_tokens, hidden]."""
@@ -281,6 +303,7 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
     tokens in every segment. No state passes through tokens between segments."""
 
     recurs_through_tokens = False  # decoders place the memory tokens only at the end of a segment
+    state_dtype = torch.float32  # (A, z) whatever the backbone's dtype
 
     def __init__(self, num_mem_tokens: int, hidden_size: int, layers: list[AssociativeLayer], d_mem: int) -> None:
         super().__init__()

@@ -104,11 +104,13 @@ def plan_segments(
     pad_token_id: int | None,
     alignment: str = "right",
     padding_needs_mask: bool = True,
+    vocab_size: int | None = None,
 ) -> SegmentPlan:
     """Strip the tokenizer's outer [CLS]/[SEP] and place every document's content on the segment grid.
 
     `padding_needs_mask=False` accepts pad tokens without an attention mask (decoders whose pad token
-    is also their end-of-text token). Raises ValueError for inputs that cannot be segmented faithfully.
+    is also their end-of-text token). With `vocab_size`, every id (padding too) must be in [0, vocab_size).
+    Raises ValueError for inputs that cannot be segmented faithfully.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}.")
@@ -116,6 +118,17 @@ def plan_segments(
         raise ValueError(
             f"input_ids of shape {tuple(input_ids.shape)} hold no tokens: pass at least one document with text."
         )
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if vocab_size is not None:
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(outside.any()):
+            row, column = outside.nonzero()[0].tolist()
+            raise ValueError(
+                f"input_ids[{row}, {column}] is {int(input_ids[row, column])}, outside the backbone's vocabulary of "
+                f"{vocab_size} tokens (ids 0..{vocab_size - 1}): encode the text with the model's own tokenizer, "
+                "and pad with its pad_token_id."
+            )
     if attention_mask is None:
         if padding_needs_mask and pad_token_id is not None and bool((input_ids == pad_token_id).any()):
             raise ValueError(

@@ -4,6 +4,7 @@ segment recurrence (`RMTPreTrainedModel._segments`) that the heads in `modeling_
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from transformers import initialization as init
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
 from .diagonal import diagonal_segments
+from .loading import check_export_id, check_layer_layout, local_export
 from .memory import AssociativeLayer, AssociativeMemory, MemoryState, TokenMemory, build_memory
 from .segmenting import Segment, SegmentPlan, plan_segments
 
@@ -81,26 +83,6 @@ class BaseModelHolder(nn.Module):
         self.model.set_input_embeddings(value)
 
 
-def _unwrapped(key: str) -> str:
-    """A weight's key with ARMT's layer wrapper (`<layers>.<i>.layer.`) taken out."""
-    parts = key.split(".")
-    return ".".join(part for i, part in enumerate(parts) if not (part == "layer" and i > 0 and parts[i - 1].isdigit()))
-
-
-def check_layer_layout(missing: Any, unexpected: Any, model_class: str) -> None:
-    """Raise ValueError when a checkpoint's backbone layers were saved under the other memory type's layout
-    (ARMT wraps every layer): loading would leave those layers randomly initialised."""
-    moved = {_unwrapped(key) for key in missing} & {_unwrapped(key) for key in unexpected}
-    if moved:
-        raise ValueError(
-            f"{len(moved)} backbone weights (e.g. {min(moved)}) are saved under the other memory type's layer layout: "
-            "the checkpoint was saved with another memory_type than this model's, and loading would leave the "
-            "backbone's layers randomly initialised. Load it with its own memory_type; to put a new memory on its "
-            f"backbone, use `{model_class}.from_backbone(model.backbone, tokenizer=..., memory_type=...)` "
-            "(or train with `--init-from CHECKPOINT --new-memory`)."
-        )
-
-
 class RMTPreTrainedModel(PreTrainedModel):
     """Shared machinery: building around a backbone, weight init and the segment recurrence."""
 
@@ -135,14 +117,26 @@ class RMTPreTrainedModel(PreTrainedModel):
         self.backbone = BaseModelHolder(backbone) if self._hold_base_model else backbone
         self.memory = build_memory(config, backbone)  # ARMT wraps the backbone's layers
         self._check_backbone(config)
+        self._built_with = config.build_settings()  # what `_check_config` holds the config to
+        self._checked_settings = config.settings_snapshot()
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """As transformers loads any model; refuses a checkpoint of the other memory type's layer layout."""
+        """As transformers loads any model; refuses a checkpoint of the other memory type's layer layout, and
+        a local export folder replaced while loading (`check_export_id`)."""
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        name, subfolder = pretrained_model_name_or_path, kwargs.get("subfolder") or ""
+        folder, export_id = local_export(name, subfolder)
+        try:
+            model, info = super().from_pretrained(name, *args, output_loading_info=True, **kwargs)
+        except Exception as error:  # an export folder swapped mid-load fails in many ways (a file's size, say)
+            if export_id is not None and local_export(name, subfolder)[1] != export_id:
+                replaced = f"{folder} was replaced while it was being loaded ({error}). Load it again."
+                raise ValueError(replaced) from error
+            raise
         check_layer_layout(info["missing_keys"], info["unexpected_keys"], cls.__name__)
+        check_export_id(folder, getattr(model.config, "export_id", None))
         return (model, info) if wants_info else model
 
     def _check_backbone(self, config: RMTConfig) -> None:
@@ -152,6 +146,20 @@ class RMTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (TokenMemory, AssociativeMemory)):
             init.normal_(module.memory_tokens, mean=0.0, std=self._initializer_range)
+
+    def _check_config(self) -> None:
+        """Once per call (forward, generate, save_pretrained): the settings the memory was built from cannot
+        change on this model's config; other settings changed since the last call are validated again."""
+        if self.config.settings_snapshot() != self._checked_settings:
+            self.config.refuse_changed_build_settings(self._built_with, type(self).__name__)
+            self.config.validate_rmt()
+            self._checked_settings = self.config.settings_snapshot()
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """As transformers saves, once the config is checked to still describe this model (`_check_config`):
+        a checkpoint that could not be loaded back is never written."""
+        self._check_config()
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def release_diagonal_weights(self) -> None:
         """Free the stacked copy of the layer weights that diagonal batching builds on first use (it is
@@ -187,6 +195,11 @@ class RMTPreTrainedModel(PreTrainedModel):
         self.backbone.set_input_embeddings(value)
 
     @classmethod
+    def _load_backbone(cls, name: str | os.PathLike, backbone_kwargs: dict[str, Any]) -> PreTrainedModel:
+        """The backbone `from_backbone` wraps, loaded by name with its head."""
+        return cls._backbone_auto_class.from_pretrained(name, **backbone_kwargs)
+
+    @classmethod
     def from_backbone(
         cls,
         pretrained_model_name_or_path: str | nn.Module,
@@ -214,7 +227,7 @@ class RMTPreTrainedModel(PreTrainedModel):
         if isinstance(pretrained_model_name_or_path, nn.Module):
             backbone = loaded_backbone(pretrained_model_name_or_path, tokenizer, backbone_kwargs)
         else:
-            backbone = cls._backbone_auto_class.from_pretrained(pretrained_model_name_or_path, **backbone_kwargs)
+            backbone = cls._load_backbone(pretrained_model_name_or_path, backbone_kwargs)
         if tokenizer is None:
             source = {key: backbone_kwargs[key] for key in SOURCE_KWARGS if key in backbone_kwargs}
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **source)
@@ -242,6 +255,7 @@ class RMTPreTrainedModel(PreTrainedModel):
     ) -> SegmentPlan:
         if input_ids is None:
             raise ValueError("input_ids are required: pass the tokenizer's output for whole documents.")
+        self._check_config()
         config = self.config
         decoder = is_decoder_family(config.text_config)  # decoders keep every token, pad ids included
         plan = plan_segments(
@@ -254,6 +268,7 @@ class RMTPreTrainedModel(PreTrainedModel):
             pad_token_id=config.pad_token_id,
             alignment=self._alignment or config.segment_alignment,
             padding_needs_mask=not decoder,
+            vocab_size=self.get_input_embeddings().weight.shape[0],
         )
         if decoder and plan.compacted:  # logits and the KV cache follow the input's own columns
             raise ValueError("The attention_mask has holes inside a sequence; pass contiguous sequences.")
@@ -303,15 +318,15 @@ class RMTPreTrainedModel(PreTrainedModel):
     def _initial_state(self, batch_size: int, memory_state: MemoryState | None) -> MemoryState:
         if memory_state is None:
             return self.memory.init_state(batch_size)
-        self.memory.check_state(memory_state, batch_size)
-        return memory_state
+        return self.memory.prepare_state(memory_state, batch_size)
 
     def _read(self, plan: SegmentPlan, memory_state: MemoryState | None) -> MemoryState:
         """The memory after reading every segment of `plan` (outputs are discarded)."""
-        final = self._initial_state(plan.batch_size, memory_state)
-        for _, _, state in self._segments(plan, final):
-            final = state
-        return final
+        if plan.num_segments == 0:
+            return self._initial_state(plan.batch_size, memory_state)
+        for _, _, state in self._segments(plan, memory_state):  # noqa: B007 (the final state)
+            pass
+        return state
 
     def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
         """Run one segment reading memory `state`; return (outputs, what the memory positions wrote)."""

@@ -6,7 +6,8 @@ It loads the committed checkpoint `checkpoints/rmt-minilm` (all-MiniLM-L6-v2 wit
 trained on the memorize and detect & memorize tasks) through `pipeline("text-classification",
 trust_remote_code=True)`, hides "<name> <went to> the <place>." at a random sentence boundary of a
 document of public-domain text it never saw in training (Milton, Project Gutenberg), asks "Where is
-<name>?" at the end and prints the answer, the truth, the time and the peak memory.
+<name>?" at the end and prints the answer, the truth, the time and the peak memory. A progress bar counts
+the segments as the backbone reads them.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import os
 import random
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 from transformers import pipeline  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -37,6 +42,23 @@ def synthetic_document(num_tokens: int, tokenizer, seed: int = 0) -> str:
     tokens_per_block = len(tokenizer(" ".join(sentences), add_special_tokens=False).input_ids)
     blocks = [" ".join(rng.sample(sentences, len(sentences))) for _ in range(num_tokens // tokens_per_block + 1)]
     return " ".join(blocks) + " Where is Mary?"
+
+
+@contextmanager
+def segment_progress(model: nn.Module, segments: int) -> Iterator[tqdm]:
+    """A progress bar over `segments`: a forward pre-hook on the model's backbone advances it once per
+    backbone call, i.e. once per segment (the recurrence runs the backbone on one segment at a time)."""
+    bar = tqdm(total=segments, unit="segment", desc="reading", dynamic_ncols=True)
+
+    def advance(*_: object) -> None:  # returns None: a pre-hook's result would replace the backbone's inputs
+        bar.update(1)
+
+    hook = model.backbone.register_forward_pre_hook(advance)
+    try:
+        yield bar
+    finally:
+        hook.remove()
+        bar.close()
 
 
 def peak_rss_mib() -> float:
@@ -63,18 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     document = f"{sample.input} {sample.question}"
     fact = sample.facts[0]
     where = sample.input.index(fact) / len(sample.input)
-    segments = -(-len(sample.input_ids) // config.segment_size)
+    tokens = len(tokenizer(document, add_special_tokens=False).input_ids)  # what the pipeline will read
+    segments = -(-tokens // config.segment_size)
     print(f"model: {args.checkpoint} (all-MiniLM-L6-v2, {config.num_mem_tokens} memory tokens, "
           f"{config.segment_size} tokens per segment)")  # fmt: skip
-    print(f"document: {len(sample.input_ids):,} tokens -> {segments:,} segments, Milton's prose and verse")
-    print(f"hidden fact: {fact!r} at {where:.0%} of the document; question: {sample.question!r}")
+    print(f"document: {tokens:,} tokens -> {segments:,} segments, Milton's prose and verse")
+    print(f"hidden fact: {fact!r} at {where:.0%} of the document; question: {sample.question!r}", flush=True)
     rss_before = peak_rss_mib()
     start = time.perf_counter()
-    best = classifier(document)[0]
+    with segment_progress(classifier.model, segments):
+        best = classifier(document)[0]
     seconds = time.perf_counter() - start
     verdict = "correct" if best["label"] == sample.target else f"wrong, the answer is {sample.target}"
     print(f"answer: {best['label']} (score {best['score']:.3f}): {verdict}")
-    print(f"time: {seconds:.1f} s ({len(sample.input_ids) / seconds:,.0f} tokens/s)")
+    print(f"time: {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
     print(f"peak RSS: {peak_rss_mib():,.0f} MiB (before the call: {rss_before:,.0f} MiB)")
 
 

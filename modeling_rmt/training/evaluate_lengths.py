@@ -48,10 +48,35 @@ def weights_fingerprint(checkpoint: str | Path) -> str:
     return digest.hexdigest()
 
 
+def tensors_fingerprint(checkpoint: str | Path) -> str:
+    """SHA-256 of a checkpoint's tensors (names, dtypes, shapes and bytes of every safetensors file), not of the
+    files: an export that rewrites the files' metadata (their export id) leaves it unchanged."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(checkpoint).glob("*.safetensors")):
+        with weights.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+            for name in sorted(key for key in header if key != "__metadata__"):
+                entry = header[name]
+                begin, end = entry["data_offsets"]
+                handle.seek(8 + size + begin)
+                digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+                digest.update(handle.read(end - begin))
+    return digest.hexdigest()
+
+
+def checkpoint_identity(checkpoint: str | Path) -> dict[str, str]:
+    """What a results file records of the checkpoint it measured: the tensors' fingerprint, which identifies
+    the weights, and the files' SHA-256 at the time."""
+    return {"tensors_sha256": tensors_fingerprint(checkpoint), "weights_sha256": weights_fingerprint(checkpoint)}
+
+
 def check_same_run(results: dict, measured: dict) -> None:
-    """Cells of one results file come from one checkpoint, seed and noise corpus; refuse to mix."""
+    """Cells of one results file come from one checkpoint, seed and noise corpus; refuse to mix. The checkpoint is
+    compared by its tensors (`tensors_sha256`), or by its files' SHA-256 where a results file predates that."""
     recorded = results.setdefault("evaluated", measured)
-    different = [key for key in measured if key in recorded and recorded[key] != measured[key]]
+    compared = [key for key in measured if key != "weights_sha256" or "tensors_sha256" not in recorded]
+    different = [key for key in compared if key in recorded and recorded[key] != measured[key]]
     if different:
         raise SystemExit(
             f"The results file holds cells measured with another {', '.join(different)} "
@@ -162,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.run and "name" not in results:
         name = args.name or args.run.resolve().parent.name
         results = {**describe_run(read_run(args.run), name, args.repo_id or f"ORG/{name}", args.hardware), **results}
-    check_same_run(results, {"weights_sha256": weights_fingerprint(args.checkpoint), "seed": args.seed,
-                             "noise": args.noise})  # fmt: skip
+    check_same_run(results, {**checkpoint_identity(args.checkpoint), "seed": args.seed, "noise": args.noise})
     cells = results.setdefault("evaluation", [])
     done = {(cell["task"], cell["num_tokens"], cell["noise"]) for cell in cells}
     for task in args.tasks:

@@ -52,6 +52,7 @@ def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
                          "train with --save-steps first.")  # fmt: skip
     if snapshot_dir.exists() and not (snapshot_dir / SNAPSHOT_FILE).is_file():
         raise SystemExit(f"{snapshot_dir} exists and is not a snapshot; pick an empty or new folder.")
+    _refuse_foreign_files(snapshot_dir)
     step = checkpoint_step(checkpoint)
     with tempfile.TemporaryDirectory(dir=snapshot_dir.parent if snapshot_dir.parent.exists() else None) as tmp:
         staging = Path(tmp) / "snapshot"
@@ -66,9 +67,19 @@ def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
         (staging / SNAPSHOT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         snapshot_dir.parent.mkdir(parents=True, exist_ok=True)
         if snapshot_dir.exists():
+            _refuse_foreign_files(snapshot_dir)  # again: files may have been added meanwhile
             shutil.rmtree(snapshot_dir)  # an earlier snapshot of the run (checked above)
         shutil.move(str(staging), snapshot_dir)
     return snapshot_dir
+
+
+def _refuse_foreign_files(snapshot_dir: Path) -> None:
+    """SystemExit when an earlier snapshot folder holds files a snapshot never writes (replacing would delete them)."""
+    own = {*STATE_FILES, WEIGHTS, SNAPSHOT_FILE}
+    foreign = sorted(p.name for p in snapshot_dir.iterdir() if p.name not in own) if snapshot_dir.is_dir() else []
+    if foreign:
+        raise SystemExit(f"{snapshot_dir} holds {', '.join(foreign)}, which a snapshot does not write; replacing the "
+                         "snapshot would delete them: move them away, or snapshot into another folder.")  # fmt: skip
 
 
 def restore_snapshot(snapshot_dir: str | Path, run_dir: str | Path) -> Path:

@@ -39,7 +39,7 @@ from transformers import (
     set_seed,
 )
 
-from conversion.from_backbone import long_document_tokenizer
+from conversion.from_backbone import long_document_tokenizer, write_new_folder
 from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from modeling_rmt.tools.backbones import minilm_path
 from modeling_rmt.tools.hardware import slow_bfloat16_warning
@@ -379,16 +379,26 @@ def main(argv: list[str] | None = None) -> Path:
         return output_dir
     final = output_dir / "final"
     if trainer.is_world_process_zero():
-        trainer.save_model(str(final))
-        tokenizer.save_pretrained(final)
-        curriculum.save(final)
-        clock.save(final)
-        if lineage:
-            lineage.save(final)
-        (final / "training_args.json").write_text(
-            json.dumps({**vars(args), "world_size": trainer.args.world_size}, indent=2)
-        )
-        (final / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+
+        def write(folder: Path) -> None:
+            trainer.save_model(str(folder))
+            tokenizer.save_pretrained(folder)
+            curriculum.save(folder)
+            clock.save(folder)
+            if lineage:
+                lineage.save(folder)
+            (folder / "training_args.json").write_text(
+                json.dumps({**vars(args), "world_size": trainer.args.world_size}, indent=2)
+            )
+            (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+
+        try:  # built beside final/ and renamed: a file someone put in final/ meanwhile is never written over
+            write_new_folder(final, write)
+        except ValueError as error:
+            raise SystemExit(
+                f"{error} The trained model is in the run's last checkpoint: move {final} away and run again with "
+                "the same --output-dir to save it."
+            ) from None
         print(f"saved the trained model to {final}")
     return final
 
