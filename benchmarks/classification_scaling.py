@@ -26,8 +26,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from modeling_rmt import RMTForSequenceClassification  # noqa: E402
-from modeling_rmt.tools.backbones import minilm_path  # noqa: E402
-from modeling_rmt.tools.demo import synthetic_document  # noqa: E402
+from rmt_demo.demo import synthetic_document  # noqa: E402
+from rmt_tools.backbones import minilm_path  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "classification_scaling.json"
 NUM_MEM_TOKENS = 10

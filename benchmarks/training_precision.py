@@ -23,8 +23,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from modeling_rmt import RMTForCausalLM
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.tools.hardware import cpu_bfloat16_is_fast, cpu_capability
+from rmt_tools.backbones import minilm_path
+from rmt_tools.hardware import cpu_bfloat16_is_fast, cpu_capability
 
 RESULTS = Path(__file__).parent / "results"
 

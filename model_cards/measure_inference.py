@@ -5,7 +5,7 @@
 - the time of one batch in float32, bfloat16 and float16 on this CPU, and on the code path of a CPU
   without AVX512 or AMX (this CPU restricted to PyTorch's AVX2 kernels with oneDNN off, in a subprocess);
 - what the model answers when the document holds no answer: documents of held-out noise (Milton) built by
-  `modeling_rmt.training.tasks` on held-out seeds with the facts taken out (`no_fact`), or with the facts
+  `rmt_training.tasks` on held-out seeds with the facts taken out (`no_fact`), or with the facts
   kept and the question asked about a person none of them names (`other_person`); the answers, their
   confidence (the classifier's top probability, a decoder's probability of its first answer token) and,
   for comparison, the confidence on the same documents with their facts and question.
@@ -41,10 +41,10 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from modeling_rmt.tools.hardware import cpu_bfloat16_is_fast, cpu_capability  # noqa: E402
-from modeling_rmt.training.decoder import ANSWER_RESERVE, end_token_id, pad_token_id  # noqa: E402
-from modeling_rmt.training.evaluate_lengths import tensors_fingerprint, weights_fingerprint  # noqa: E402
-from modeling_rmt.training.tasks import NAMES, PLACES, TaskSample, TokenizedNoise, make_sample  # noqa: E402
+from rmt_tools.hardware import cpu_bfloat16_is_fast, cpu_capability  # noqa: E402
+from rmt_training.decoder import ANSWER_RESERVE, end_token_id, pad_token_id  # noqa: E402
+from rmt_training.evaluate_lengths import tensors_fingerprint, weights_fingerprint  # noqa: E402
+from rmt_training.tasks import NAMES, PLACES, TaskSample, TokenizedNoise, make_sample  # noqa: E402
 
 NO_ANSWER_SEED = 9_000_011  # documents no training, validation, evaluation, test or the demo used
 DTYPES = ("float32", "bfloat16", "float16")

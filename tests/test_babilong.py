@@ -10,7 +10,7 @@ import datasets
 import huggingface_hub
 import pytest
 
-from modeling_rmt.training.babilong import (
+from rmt_training.babilong import (
     BABILONG_LABELS,
     BABILONG_LENGTHS,
     BABILONG_METRIC_PATH,

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from conversion.export import HUB_FILES
-from modeling_rmt.training.tasks import PLACES, TokenizedNoise, make_sample, with_special_tokens
+from rmt_training.tasks import PLACES, TokenizedNoise, make_sample, with_special_tokens
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 CHECKPOINT = CHECKPOINTS / "rmt-minilm"

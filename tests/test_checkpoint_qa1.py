@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from modeling_rmt.training.babilong import babilong_correct
-from modeling_rmt.training.decoder import ANSWER_RESERVE
-from modeling_rmt.training.evaluate_lengths import decoder_correct
-from modeling_rmt.training.tasks import PLACES, TokenizedNoise, make_sample
+from rmt_training.babilong import babilong_correct
+from rmt_training.decoder import ANSWER_RESERVE
+from rmt_training.evaluate_lengths import decoder_correct
+from rmt_training.tasks import PLACES, TokenizedNoise, make_sample
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 DECODERS = ["rmt-minilm-qa1", "armt-minilm-qa1"]

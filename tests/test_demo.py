@@ -7,7 +7,7 @@ import re
 import torch
 from conftest import encode, tiny_classifier
 
-from modeling_rmt.tools.demo import main, segment_progress
+from rmt_demo.demo import main, segment_progress
 
 
 def test_the_progress_bar_counts_one_step_per_segment_and_leaves_the_outputs_alone(capsys):

@@ -21,7 +21,7 @@ import conversion.export as export
 from conversion.export import EXPORT_MARKER, HUB_FILES, ExportError, export_checkpoint
 from conversion.from_backbone import LONG_DOCUMENT_TOKENS
 from modeling_rmt import RMTForSequenceClassification
-from modeling_rmt.tools.backbones import minilm_path
+from rmt_tools.backbones import minilm_path
 
 EXPORTED = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", *HUB_FILES,
             EXPORT_MARKER}  # fmt: skip

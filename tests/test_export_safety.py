@@ -27,7 +27,7 @@ from conversion.export import EXPORT_MARKER, ExportError, export_checkpoint
 from conversion.export_folder import KILL_AT, NO_EXCHANGE, export_lock, new_staging, publish, read_earlier, recover
 from conversion.from_backbone import write_new_folder
 from modeling_rmt import RMTConfig, RMTForSequenceClassification
-from modeling_rmt.tools.backbones import minilm_path
+from rmt_tools.backbones import minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "rmt-tiny"
@@ -399,7 +399,7 @@ def test_write_new_folder_never_writes_over_files_that_appear_meanwhile(tmp_path
 def test_a_snapshot_is_not_replaced_while_its_folder_holds_the_users_files(tmp_path):
     from safetensors.torch import save_file
 
-    from modeling_rmt.training.snapshot import save_snapshot
+    from rmt_training.snapshot import save_snapshot
 
     checkpoint = tmp_path / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)

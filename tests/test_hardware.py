@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from modeling_rmt.tools import hardware
-from modeling_rmt.training.evaluate_lengths import main as evaluate_main
-from modeling_rmt.training.train import main as train_main
+from rmt_tools import hardware
+from rmt_training.evaluate_lengths import main as evaluate_main
+from rmt_training.train import main as train_main
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from model_cards.measure_inference import (
     stored_dtypes,
     without_facts,
 )
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.training.tasks import NAMES, TokenizedNoise, make_sample
+from rmt_tools.backbones import minilm_path
+from rmt_training.tasks import NAMES, TokenizedNoise, make_sample
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 

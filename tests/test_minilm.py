@@ -18,8 +18,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.tools.demo import synthetic_document
+from rmt_demo.demo import synthetic_document
+from rmt_tools.backbones import minilm_path
 
 
 @pytest.fixture(scope="module")

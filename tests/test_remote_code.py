@@ -19,8 +19,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from conversion.export import HUB_FILES as HUB_CODE_FILES
 from conversion.from_backbone import LONG_DOCUMENT_TOKENS, convert_backbone
 from modeling_rmt import RMTForSequenceClassification
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.tools.demo import synthetic_document
+from rmt_demo.demo import synthetic_document
+from rmt_tools.backbones import minilm_path
 
 HUB_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", *HUB_CODE_FILES}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

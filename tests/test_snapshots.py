@@ -11,9 +11,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.training.curriculum import Curriculum
-from modeling_rmt.training.snapshot import Rewarm, last_complete_checkpoint, restore_snapshot
+from rmt_tools.backbones import minilm_path
+from rmt_training.curriculum import Curriculum
+from rmt_training.snapshot import Rewarm, last_complete_checkpoint, restore_snapshot
 
 SNAPSHOTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "snapshots").glob("*") if p.is_dir())
 

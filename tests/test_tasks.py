@@ -7,8 +7,8 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.training.tasks import (
+from rmt_tools.backbones import minilm_path
+from rmt_training.tasks import (
     DIRECTIONS,
     NAMES,
     PLACES,

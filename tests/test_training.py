@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.training.curriculum import Curriculum, CurriculumTaskDataset
-from modeling_rmt.training.tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise
-from modeling_rmt.training.train import main as train_main
+from rmt_tools.backbones import minilm_path
+from rmt_training.curriculum import Curriculum, CurriculumTaskDataset
+from rmt_training.tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise
+from rmt_training.train import main as train_main
 
 SEGMENT = 24  # content tokens per segment of the tiny runs
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def logged_learning_rates(final: Path) -> dict[int, float]:
 
 def test_a_run_resumed_with_a_new_learning_rate_goes_on_at_it_and_its_card_says_so(tiny_backbone, tmp_path):
     from model_cards.generate import render_card
-    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+    from rmt_training.evaluate_lengths import main as evaluate_main
 
     common = ["--max-steps", "4", "--stages", "1"]
     train_main(run_args(tiny_backbone, tmp_path / "run", *common, "--stop-at-step", "2"))  # at --lr 1e-3
@@ -165,7 +165,7 @@ def test_a_run_resumed_with_more_stages_goes_on_to_them_and_other_changes_are_ig
 
 
 def test_a_run_carried_as_a_snapshot_resumes_at_its_step_stage_and_schedule(tiny_backbone, tmp_path):
-    from modeling_rmt.training.snapshot import main as snapshot_main
+    from rmt_training.snapshot import main as snapshot_main
 
     # A stage change on a schedule (at step 2) and no early stop (accuracy 1.0 is out of reach here).
     common = ["--max-steps", "8", "--stages", "1", "2", "--every-steps", "2", "--advance-at", "1.0",
@@ -231,7 +231,7 @@ def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_globa
     # Several CPU processes: accelerate's torchrun launcher (`--multi_gpu`) with the gloo backend, no GPU needed.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "modeling_rmt.training.train",
+               "-m", "rmt_training.train",
                *run_args(tiny_backbone, tmp_path / "two", *common, "--batch-size", "2")]  # fmt: skip
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -243,8 +243,8 @@ def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_globa
 
 def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tmp_path):
     from model_cards.generate import render_card, validate
-    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
-    from modeling_rmt.training.evaluate_lengths import wilson_interval
+    from rmt_training.evaluate_lengths import main as evaluate_main
+    from rmt_training.evaluate_lengths import wilson_interval
 
     final = train_main(run_args(tiny_backbone, tmp_path / "rmt-tiny", "--max-steps", "2", "--stages", "1"))
     assert json.loads((final / "run_time.json").read_text())["untimed_steps"] == 0
@@ -284,8 +284,8 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
 
 def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_backbone, tmp_path):
     from model_cards.generate import render_card
-    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
-    from modeling_rmt.training.snapshot import restore_snapshot, save_snapshot
+    from rmt_training.evaluate_lengths import main as evaluate_main
+    from rmt_training.snapshot import restore_snapshot, save_snapshot
 
     first = train_main(run_args(tiny_backbone, tmp_path / "short", "--max-steps", "2", "--stages", "1"))
     continued = ["--output-dir", str(tmp_path / "long"), "--init-from", str(first), "--segment-size", str(2 * SEGMENT),
@@ -319,7 +319,7 @@ def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_
         "reason": None,
     }  # the last stage ends the history
 
-    from modeling_rmt.training.run_record import last_stage
+    from rmt_training.run_record import last_stage
 
     done = {"stages": [1, 5], "stage": 1, "best": 0.95, "advance_at": 0.95}
     assert last_stage(done, 3900) == [{"step": 3900, "segments": 5, "best": 0.95,
@@ -368,12 +368,12 @@ def test_a_run_can_start_an_armt_on_a_trained_rmts_backbone_and_resume(tiny_back
         assert torch.equal(armt_weights[re.sub(r"(\.layer\.\d+)\.", r"\1.layer.", key, count=1)], value), key
     assert armt_weights["memory.memory_tokens"].shape[0] == 3
     assert all(not value.any() for key, value in armt_weights.items() if key.endswith("W_mv.weight"))
-    from modeling_rmt.training.run_record import training_command
+    from rmt_training.run_record import training_command
 
     command = training_command(json.loads((final / "training_args.json").read_text()), "armt", "runs/rmt/final")
     assert "--init-from runs/rmt/final --new-memory" in command and "--memory-type armt" in command
     from model_cards.generate import render_card
-    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+    from rmt_training.evaluate_lengths import main as evaluate_main
 
     results = evaluate_main([str(final), "--results", str(tmp_path / "results.json"), "--segments", "2",
                              "--samples", "1", "--tasks", "qa1", "--run", str(final)])  # fmt: skip
@@ -394,7 +394,7 @@ def test_a_run_can_start_an_armt_on_a_trained_rmts_backbone_and_resume(tiny_back
 
 
 def test_a_run_started_from_an_exported_checkpoint_takes_its_base_model_from_its_card(tmp_path):
-    from modeling_rmt.training.run_record import read_run
+    from rmt_training.run_record import read_run
 
     exported = tmp_path / "rmt-exported"
     exported.mkdir()
@@ -406,7 +406,7 @@ def test_a_run_started_from_an_exported_checkpoint_takes_its_base_model_from_its
 
 def test_a_run_started_from_an_exported_checkpoint_shows_the_recipe_its_export_ships(tmp_path):
     from model_cards.generate import render_card
-    from modeling_rmt.training.run_record import describe_run, read_run
+    from rmt_training.run_record import describe_run, read_run
 
     exported = tmp_path / "rmt-minilm-qa1"  # an export made with --card model_cards/rmt-minilm-qa1.md
     exported.mkdir()
@@ -435,7 +435,7 @@ def test_a_run_started_from_an_exported_checkpoint_shows_the_recipe_its_export_s
 
 
 def test_wilson_interval_covers_the_measured_accuracy():
-    from modeling_rmt.training.evaluate_lengths import wilson_interval
+    from rmt_training.evaluate_lengths import wilson_interval
 
     low, high = wilson_interval(95, 100)
     assert low < 0.95 < high and 0.88 < low < 0.9 and 0.97 < high < 0.99
@@ -443,8 +443,8 @@ def test_wilson_interval_covers_the_measured_accuracy():
 
 
 def test_decoder_documents_put_the_loss_on_the_answer_only(tiny_backbone):
-    from modeling_rmt.training.decoder import IGNORE, DecoderCollator, decoder_item
-    from modeling_rmt.training.tasks import make_sample
+    from rmt_training.decoder import IGNORE, DecoderCollator, decoder_item
+    from rmt_training.tasks import make_sample
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
     sample = make_sample("qa1", TokenizedNoise(tokenizer), tokenizer, 200, seed=0, index=3)
@@ -469,7 +469,7 @@ def test_decoder_documents_put_the_loss_on_the_answer_only(tiny_backbone):
 def test_answer_accuracy_is_the_same_from_the_last_logits_as_from_all():
     from transformers import EvalPrediction
 
-    from modeling_rmt.training.decoder import IGNORE, answer_accuracy, answer_predictions
+    from rmt_training.decoder import IGNORE, answer_accuracy, answer_predictions
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 9, 5, generator=generator)
@@ -488,7 +488,7 @@ def test_answer_accuracy_is_the_same_from_the_last_logits_as_from_all():
 def test_answer_accuracy_needs_every_answer_token_and_skips_padding_rows():
     from transformers import EvalPrediction
 
-    from modeling_rmt.training.decoder import IGNORE, answer_accuracy
+    from rmt_training.decoder import IGNORE, answer_accuracy
 
     labels = np.array([[IGNORE, IGNORE, 7, 8], [IGNORE, IGNORE, 7, 8], [IGNORE, 5, 6, IGNORE], [IGNORE] * 4])
     predictions = np.array([[0, 7, 8, 0], [0, 7, 9, 0], [5, 6, 0, 0], [0, 0, 0, 0]])  # row t predicts label t+1
@@ -514,7 +514,7 @@ def test_a_decoder_trains_on_qa1_from_scratch_and_loads_as_a_causal_lm(tmp_path)
     assert (tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.model_max_length) == (102, 0, 2**24)
 
     from model_cards.generate import render_card, validate
-    from modeling_rmt.training.evaluate_lengths import main as evaluate_main
+    from rmt_training.evaluate_lengths import main as evaluate_main
 
     results = evaluate_main([str(final), "--results", str(tmp_path / "results.json"), "--segments", "1", "2",
                              "--samples", "3", "--batch-size", "2", "--run", str(final)])  # fmt: skip
@@ -541,7 +541,7 @@ def test_a_decoder_on_an_encoder_backbone_saves_generation_that_stops_at_the_ans
 
 
 def test_a_prompt_tokenizer_adds_no_special_tokens_and_keeps_that_when_saved(tmp_path):
-    from modeling_rmt.training.decoder import prompt_tokenizer
+    from rmt_training.decoder import prompt_tokenizer
 
     encoder_tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     text = "Mary went to the Kitchen. Where is Mary?"
@@ -555,9 +555,9 @@ def test_a_prompt_tokenizer_adds_no_special_tokens_and_keeps_that_when_saved(tmp
 
 
 def test_decoder_answers_are_generated_from_left_padded_prompts_and_scored_by_the_babilong_rule():
-    from modeling_rmt.training.decoder import end_token_id
-    from modeling_rmt.training.evaluate_lengths import decoder_correct
-    from modeling_rmt.training.tasks import make_sample
+    from rmt_training.decoder import end_token_id
+    from rmt_training.evaluate_lengths import decoder_correct
+    from rmt_training.tasks import make_sample
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     noise = TokenizedNoise(tokenizer, "milton")

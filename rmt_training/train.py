@@ -1,9 +1,9 @@
 """Train an RMT on the memory tasks with a segment curriculum; resumes where it stopped.
 
-    python -m modeling_rmt.training.train --output-dir runs/rmt-minilm            # MiniLM, memorize + detect
-    python -m modeling_rmt.training.train --head causal-lm --output-dir runs/rmt-qa1 --segment-size 256
+    python -m rmt_training.train --output-dir runs/rmt-minilm            # MiniLM, memorize + detect
+    python -m rmt_training.train --head causal-lm --output-dir runs/rmt-qa1 --segment-size 256
                                                                     # a small Llama from scratch on qa1
-    accelerate launch --multi_gpu --num_processes 2 -m modeling_rmt.training.train ...  # several processes
+    accelerate launch --multi_gpu --num_processes 2 -m rmt_training.train ...  # several processes
 
 Each run writes Trainer checkpoints (`checkpoint-N/`, with `curriculum.json`) every `--save-steps`
 steps; started again with the same `--output-dir` it continues from the newest one: same weights,
@@ -11,7 +11,7 @@ optimizer, schedule, data position and curriculum stage. The final model, its co
 saved to `OUTPUT_DIR/final`; once it exists the run is finished and a rerun refuses to touch it.
 `--init-from RUN/final` starts a new run from a trained RMT's weights (e.g. on longer documents);
 with `--new-memory` it keeps only that model's backbone under a new memory (e.g. `--memory-type armt`).
-A run can also continue from a compact snapshot (`modeling_rmt.training.snapshot`), e.g. one committed
+A run can also continue from a compact snapshot (`rmt_training.snapshot`), e.g. one committed
 to carry a long CPU run across machines.
 """
 
@@ -41,8 +41,8 @@ from transformers import (
 
 from conversion.from_backbone import long_document_tokenizer, write_new_folder
 from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
-from modeling_rmt.tools.backbones import minilm_path
-from modeling_rmt.tools.hardware import slow_bfloat16_warning
+from rmt_tools.backbones import minilm_path
+from rmt_tools.hardware import slow_bfloat16_warning
 
 from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import (

@@ -1,6 +1,6 @@
 """Main demo: the trained rmt-minilm finds one fact hidden in a 100k-token document.
 
-    python -m modeling_rmt.tools.demo [--tokens 100000] [--seed 0]
+    python -m rmt_demo [--tokens 100000] [--seed 0]
 
 It loads the committed checkpoint `checkpoints/rmt-minilm` (all-MiniLM-L6-v2 with 10 memory tokens,
 trained on the memorize and detect & memorize tasks) through `pipeline("text-classification",
@@ -29,9 +29,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import pipeline  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from modeling_rmt.training.tasks import NAMES, PLACES, VERBS, TokenizedNoise, make_sample  # noqa: E402
+from rmt_training.tasks import NAMES, PLACES, VERBS, TokenizedNoise, make_sample  # noqa: E402
 
-CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "rmt-minilm"
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "rmt-minilm"
 DEMO_SEED = 7_000_001  # documents no training or evaluation run used
 
 

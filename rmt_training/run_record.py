@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from modeling_rmt.tools.backbones import minilm_path
+from rmt_tools.backbones import minilm_path
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
@@ -76,7 +76,7 @@ def training_command(settings: dict[str, Any], name: str, init_from: str | None)
     flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
              for key, value in values.items() if value not in (None, False)]  # fmt: skip
     run = Path(settings["output_dir"]).name if settings.get("output_dir") else name
-    return f"python -m modeling_rmt.training.train --output-dir runs/{run} {' '.join(flags)}"
+    return f"python -m rmt_training.train --output-dir runs/{run} {' '.join(flags)}"
 
 
 def last_stage(curriculum: dict[str, Any], steps: int) -> list[dict[str, Any]]:

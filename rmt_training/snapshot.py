@@ -1,8 +1,8 @@
 """Compact training snapshots that a long run can be committed as, and resumed from on another machine.
 
-    python -m modeling_rmt.training.snapshot save runs/rmt-minilm-qa1 snapshots/rmt-minilm-qa1
-    python -m modeling_rmt.training.snapshot restore snapshots/rmt-minilm-qa1 runs/rmt-minilm-qa1
-    python -m modeling_rmt.training.train ... --output-dir runs/rmt-minilm-qa1   # continues at the snapshot's step
+    python -m rmt_training.snapshot save runs/rmt-minilm-qa1 snapshots/rmt-minilm-qa1
+    python -m rmt_training.snapshot restore snapshots/rmt-minilm-qa1 runs/rmt-minilm-qa1
+    python -m rmt_training.train ... --output-dir runs/rmt-minilm-qa1   # continues at the snapshot's step
 
 A Trainer checkpoint holds the weights in float32 and the optimizer's two moments: four times the
 model in all. A snapshot keeps the weights in float16 (half the model) with the run's state: the

@@ -2,11 +2,11 @@
 
 Self-contained on purpose: `evaluate.load(path)` copies this script into its modules cache and imports it
 from there, so it cannot import `modeling_rmt`. The label table and the rule below duplicate
-`modeling_rmt.training.babilong` (`BABILONG_LABELS`, `babilong_correct`); the tests check that both agree.
+`rmt_training.babilong` (`BABILONG_LABELS`, `babilong_correct`); the tests check that both agree.
 
 Usage::
 
-    metric = evaluate.load("modeling_rmt/training/metrics/babilong_accuracy")
+    metric = evaluate.load("rmt_training/metrics/babilong_accuracy")
     metric.compute(predictions=outputs, references=targets, questions=questions, task="qa1")
 """
 
@@ -44,7 +44,7 @@ Args:
 Returns:
     accuracy (float): the fraction of correct outputs.
 Examples:
-    >>> metric = evaluate.load("modeling_rmt/training/metrics/babilong_accuracy")
+    >>> metric = evaluate.load("rmt_training/metrics/babilong_accuracy")
     >>> metric.compute(predictions=["The kitchen."], references=["kitchen"], questions=["Where is Mary?"])
     {'accuracy': 1.0}
 """
