@@ -1,8 +1,10 @@
 """What a finished training run records about itself, and the model-card fields made from it.
 
-A run's `final/` folder holds `training_args.json`, `curriculum.json`, `log_history.json`, `config.json`
-and `run_time.json` (`train.py` writes them). `read_run` gathers them into one record; `describe_run`
-turns a record into the name, config, recipe and limitations of a results JSON for `model_cards`.
+A run's `final/` folder holds `training_args.json` (its options and Trainer's; runs from before the switch
+to `HfArgumentParser` recorded `lr`, `batch_size`, `grad_accum`, which `run_settings` renames),
+`curriculum.json`, `log_history.json`, `config.json` and `run_time.json` (`train.py` writes them).
+`read_run` gathers them into one record; `describe_run` turns a record into the name, config, recipe
+and limitations of a results JSON for `model_cards`.
 A run started `--init-from` another run's `final/` copies that run's record into its own folder as
 `initialised_from.json` (in every checkpoint, snapshot and its `final/`), so the card can show both
 recipes even where the first run's folder is gone. Started from an exported checkpoint, the record is
@@ -25,8 +27,17 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PIPELINE_TAGS = {"RMTForSequenceClassification": "text-classification", "RMTForCausalLM": "text-generation"}
 LINEAGE_FILE = "initialised_from.json"
 CARD_RESULTS = "card_results.json"  # shipped by conversion.export beside an exported checkpoint's card
+# training_args.json of runs before HfArgumentParser (hand-written flags): old key -> TrainingArguments' name.
+RENAMED = {"lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+           "grad_accum": "gradient_accumulation_steps", "no_progress": "disable_tqdm"}  # fmt: skip
+SHORT_FLAGS = {new: f"--{old.replace('_', '-')}" for old, new in RENAMED.items()}  # train's aliases, as cards show
 RUN_FILES = {"settings": "training_args.json", "curriculum": "curriculum.json", "history": "log_history.json",
              "config": "config.json", "clock": "run_time.json", "lineage": LINEAGE_FILE}  # fmt: skip
+
+
+def run_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings (`training_args.json`) under the current names, whichever code wrote them."""
+    return {RENAMED.get(key, key): value for key, value in settings.items()}
 
 
 def run_name(folder: Path) -> str:
@@ -66,14 +77,16 @@ def render_flag(value: Any) -> str:
 
 def training_command(settings: dict[str, Any], name: str, init_from: str | None) -> str:
     """The `train` command line of a run, from its `training_args.json`, with the flags that shape the model."""
-    shown = ["head", "backbone", "init_from", "new_memory", "tasks", "stages", "advance_at", "max_steps", "lr",
-             "batch_size", "grad_accum", "segment_size", "num_mem_tokens", "memory_type", "bf16"]  # fmt: skip
+    settings = run_settings(settings)
+    shown = ["head", "backbone", "init_from", "new_memory", "tasks", "stages", "advance_at", "max_steps",
+             "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "segment_size",
+             "num_mem_tokens", "memory_type", "bf16"]  # fmt: skip
     if settings.get("head") == "causal-lm" and not settings.get("backbone") and not settings.get("init_from"):
         shown.append("decoder_preset")  # a decoder from scratch
     values = {key: settings.get(key) for key in shown} | {"init_from": init_from}
     if values["backbone"] and Path(values["backbone"]) == minilm_path():
         values["backbone"] = "minilm"
-    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f" {render_flag(value)}")
+    flags = [SHORT_FLAGS.get(key, f"--{key.replace('_', '-')}") + ("" if value is True else f" {render_flag(value)}")
              for key, value in values.items() if value not in (None, False)]  # fmt: skip
     run = Path(settings["output_dir"]).name if settings.get("output_dir") else name
     return f"python -m rmt_training.train --output-dir runs/{run} {' '.join(flags)}"
@@ -92,7 +105,7 @@ def last_stage(curriculum: dict[str, Any], steps: int) -> list[dict[str, Any]]:
 def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str) -> dict[str, Any]:
     """The card fields of a results JSON from a run's record (`read_run`); a run started `--init-from`
     another run describes that one too, as `training.initialised_from`."""
-    settings, curriculum, config = record["settings"], record["curriculum"], record["config"]
+    settings, curriculum, config = run_settings(record["settings"]), record["curriculum"], record["config"]
     history, clock = record.get("history", []), record.get("clock")
     rates = clock.get("learning_rate", []) if clock else []  # parts at different rates, where resumed so
     runtime = clock["seconds"] if clock else sum(entry.get("train_runtime", 0.0) for entry in history)
@@ -108,6 +121,9 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
         prior = {key: card[key] for key in ("base_model", "config") if key in card}
         prior |= {"base_model": lineage["base_model"]} if "base_model" in lineage else {}
     model_class = config["architectures"][0]
+    batch = settings["per_device_train_batch_size"] * settings.get("world_size", 1)
+    batch *= settings["gradient_accumulation_steps"]
+    first_rate = {"learning_rate": rates[0]["learning_rate"]} if rates else {}  # the rate the run started at
     backbone = settings.get("backbone")
     base_model = MINILM_ID if backbone is None or Path(backbone) == minilm_path() else backbone
     described = {key: config[key] for key in ("memory_type", "num_mem_tokens", "segment_size")}
@@ -126,12 +142,11 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
         "license": "apache-2.0", "datasets": [], "plot": f"{name}_accuracy.png", "config": described,
         "training": {
             "tasks": settings["tasks"], "noise": f"{settings['noise']} (Project Gutenberg)",
-            "stages": curriculum["stages"], "steps": steps, "learning_rate": settings["lr"], "hardware": hardware,
-            "batch_size": settings["batch_size"] * settings.get("world_size", 1) * settings["grad_accum"],
+            "stages": curriculum["stages"], "steps": steps, "learning_rate": settings["learning_rate"],
+            "hardware": hardware, "batch_size": batch,
             "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
                                                   if clock and clock["untimed_steps"] else {}),
-            "command": training_command(settings | {"lr": rates[0]["learning_rate"]} if rates else settings, name,
-                                        init_from),
+            "command": training_command(settings | first_rate, name, init_from),
             "curriculum_history": curriculum["history"] + last_stage(curriculum, steps),
             **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
             **({"learning_rate_parts": rates} if len(rates) > 1 else {}),

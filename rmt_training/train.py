@@ -11,20 +11,23 @@ optimizer, schedule, data position and curriculum stage. The final model, its co
 saved to `OUTPUT_DIR/final`; once it exists the run is finished and a rerun refuses to touch it.
 `--init-from RUN/final` starts a new run from a trained RMT's weights (e.g. on longer documents);
 with `--new-memory` it keeps only that model's backbone under a new memory (e.g. `--memory-type armt`).
+Flags: the run's own options and every `TrainingArguments` one, with this project's defaults
+(`options.py`; `--lr`, `--batch-size`, `--grad-accum`, `--no-progress` are short for Trainer's names).
 A run can also continue from a compact snapshot (`rmt_training.snapshot`), e.g. one committed
 to carry a long CPU run across machines.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +57,7 @@ from .decoder import (
     pad_token_id,
     prompt_tokenizer,
 )
+from .options import RunOptions, RunTrainingArguments, parse_options
 from .run_record import LINEAGE_FILE, read_run
 from .snapshot import Rewarm, lambda_scheduler, last_complete_checkpoint, set_rates_at
 from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
@@ -63,45 +67,16 @@ def accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((np.asarray(prediction.predictions).argmax(-1) == prediction.label_ids).mean())}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--head", choices=["classification", "causal-lm"], default="classification")
-    parser.add_argument("--backbone", default=None, help="folder or id, or `minilm` for the shipped "
-                        "all-MiniLM-L6-v2 (classification default; causal-lm: a Llama from scratch)")  # fmt: skip
-    parser.add_argument("--decoder-preset", default=None, help="causal-lm without --backbone: a Llama "
-                        "from scratch of this size (default llama-tiny; see decoder.DECODER_PRESETS)")  # fmt: skip
-    parser.add_argument("--init-from", default=None, help="an RMT model folder (a run's final/ or an exported "
-                        "checkpoint) whose weights this new run starts from, e.g. to train on longer documents; "
-                        "instead of --backbone")  # fmt: skip
-    parser.add_argument("--new-memory", action="store_true", help="with --init-from: keep only its backbone "
-                        "(trained with RMT memory) under a new --memory-type memory")  # fmt: skip
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the backbone's or MiniLM's)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="default: memorize detect_memorize; qa1 (causal-lm)")
-    parser.add_argument("--noise", default="shakespeare", help="noise corpus for training and validation")
-    parser.add_argument("--memory-type", choices=["rmt", "armt"], default="rmt")
-    parser.add_argument("--num-mem-tokens", type=int, default=10)
-    parser.add_argument("--segment-size", type=int, default=115)
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 5, 7])
-    parser.add_argument("--advance-at", type=float, default=0.99, help="validation accuracy that ends a stage")
-    parser.add_argument("--patience", type=int, default=4, help="evaluations without gain that end a stage")
-    parser.add_argument("--every-steps", type=int, default=None, help="end stages on this step schedule instead")
-    parser.add_argument("--max-steps", type=int, default=20_000)
-    parser.add_argument("--batch-size", type=int, default=8, help="per process")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--weight-decay", type=float, default=1e-3)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--eval-steps", type=int, default=100)
-    parser.add_argument("--eval-size", type=int, default=200)
-    parser.add_argument("--save-steps", type=int, default=100)
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--dropout", type=float, default=None, help="override the backbone's dropout")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--stop-at-step", type=int, default=None, help="save and stop here (resume later)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    return parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> tuple[RunOptions, RunTrainingArguments]:
+    """The run's own options and Trainer's (`options.py`): every `TrainingArguments` flag, with this project's
+    defaults."""
+    return parse_options(argv, __doc__)
+
+
+def recorded_settings(options: RunOptions, training_args: TrainingArguments) -> dict[str, Any]:
+    """What a run's `training_args.json` records: its own options, every Trainer argument, and the processes."""
+    trainer_settings = json.loads(training_args.to_json_string())
+    return {**dataclasses.asdict(options), **trainer_settings, "world_size": training_args.world_size}
 
 
 class StopAtStep(TrainerCallback):
@@ -185,7 +160,7 @@ class RunClock(CheckpointRecord):
 
 
 def model_to_continue(
-    args: argparse.Namespace, source: str | Path, *, resuming: bool = False
+    args: RunOptions, source: str | Path, *, resuming: bool = False
 ) -> RMTForSequenceClassification | RMTForCausalLM:
     """The RMT model of `--init-from` (or of the checkpoint `source` of a resumed run started so), in float32,
     with this run's segment size; its memory must match, unless `--new-memory` asks for its backbone only."""
@@ -216,7 +191,7 @@ def model_to_continue(
 
 
 def backbone_with_new_memory(
-    args: argparse.Namespace,
+    args: RunOptions,
     model_class: type[RMTForSequenceClassification] | type[RMTForCausalLM],
     source: str | Path,
     config: PretrainedConfig,
@@ -264,9 +239,7 @@ class Lineage(CheckpointRecord):
         return cls(read_run(init_from), new_memory)
 
 
-def build_model(
-    args: argparse.Namespace, tokenizer, last: Path | None = None
-) -> RMTForSequenceClassification | RMTForCausalLM:
+def build_model(args: RunOptions, tokenizer, last: Path | None = None) -> RMTForSequenceClassification | RMTForCausalLM:
     if args.init_from:
         return model_to_continue(args, last or args.init_from, resuming=last is not None)
     if args.head == "causal-lm":
@@ -288,9 +261,9 @@ def build_model(
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # what the Trainer will use
-    if args.bf16 and (warning := slow_bfloat16_warning(device, "--bf16")):
+    args, training_args = parse_args(argv)
+    device = "cpu" if training_args.use_cpu else "cuda"  # what the Trainer will use
+    if training_args.bf16 and (warning := slow_bfloat16_warning(device, "--bf16")):
         warnings.warn(warning, stacklevel=2)
     decoder = args.head == "causal-lm"
     if args.init_from and (args.backbone or args.decoder_preset):
@@ -302,9 +275,9 @@ def main(argv: list[str] | None = None) -> Path:
     elif args.backbone == "minilm" or (args.backbone is None and not decoder):
         args.backbone = str(minilm_path())
     args.tasks = args.tasks or (["qa1"] if decoder else ["memorize", "detect_memorize"])
-    check_held_out(args.seed, HELD_OUT_SEED)  # evaluate_lengths' default documents stay unseen
-    output_dir = Path(args.output_dir)
-    set_seed(args.seed)
+    check_held_out(training_args.seed, HELD_OUT_SEED)  # evaluate_lengths' default documents stay unseen
+    output_dir = Path(training_args.output_dir)
+    set_seed(training_args.seed)
     if (output_dir / "final").exists():
         raise SystemExit(
             f"{output_dir / 'final'} exists: this run has finished. Use a new --output-dir (or move that "
@@ -342,21 +315,13 @@ def main(argv: list[str] | None = None) -> Path:
     common = dict(tasks=args.tasks, tokenizer=tokenizer, noise=noise, curriculum=curriculum,
                   segment_size=args.segment_size, head=args.head)  # fmt: skip
     # One epoch = max_steps global batches of distinct documents (the same for any number of processes).
-    global_batch = args.batch_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
-    train_data = CurriculumTaskDataset(**common, size=args.max_steps * global_batch, seed=args.seed,
+    global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    global_batch *= int(os.environ.get("WORLD_SIZE", "1"))
+    train_data = CurriculumTaskDataset(**common, size=training_args.max_steps * global_batch, seed=training_args.seed,
                                        global_batch=global_batch)  # fmt: skip
-    validation = CurriculumTaskDataset(**common, size=args.eval_size, seed=args.seed + VALIDATION_SEED_OFFSET)
-    training_args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size * 2, gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, max_grad_norm=5.0,
-        eval_strategy="steps", eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps,
-        save_total_limit=2, logging_steps=args.logging_steps, report_to=[], seed=args.seed, bf16=args.bf16,
-        use_cpu=device == "cpu", disable_tqdm=args.no_progress, dataloader_num_workers=0,
-        remove_unused_columns=False, ddp_find_unused_parameters=False, train_sampling_strategy="sequential",
-    )  # fmt: skip
-    clock = RunClock(last, "bfloat16 mixed precision" if args.bf16 else "float32")
-    rewarm = Rewarm.for_checkpoint(last, args.warmup_steps)
+    validation = CurriculumTaskDataset(**common, size=args.eval_size, seed=training_args.seed + VALIDATION_SEED_OFFSET)
+    clock = RunClock(last, "bfloat16 mixed precision" if training_args.bf16 else "float32")
+    rewarm = Rewarm.for_checkpoint(last, int(training_args.warmup_steps))
     model = build_model(args, tokenizer, last)
     if decoder:
         end_answers_at_end_token(model, tokenizer)
@@ -374,7 +339,7 @@ def main(argv: list[str] | None = None) -> Path:
         kind = f" (learning rate warming up again from step {rewarm.resumed_at})" if rewarm else ""
         print(f"resuming from {last}{kind} at {curriculum.num_segments} segments per document")
     trainer.train(resume_from_checkpoint=str(last) if last else None)
-    if args.stop_at_step and trainer.state.global_step >= args.stop_at_step < args.max_steps:
+    if args.stop_at_step and trainer.state.global_step >= args.stop_at_step < training_args.max_steps:
         print(f"stopped at step {trainer.state.global_step}; run again with the same --output-dir to resume")
         return output_dir
     final = output_dir / "final"
@@ -387,9 +352,7 @@ def main(argv: list[str] | None = None) -> Path:
             clock.save(folder)
             if lineage:
                 lineage.save(folder)
-            (folder / "training_args.json").write_text(
-                json.dumps({**vars(args), "world_size": trainer.args.world_size}, indent=2)
-            )
+            (folder / "training_args.json").write_text(json.dumps(recorded_settings(args, trainer.args), indent=2))
             (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
 
         try:  # built beside final/ and renamed: a file someone put in final/ meanwhile is never written over
