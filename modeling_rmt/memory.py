@@ -208,13 +208,6 @@ class LayerContext:
     z: torch.Tensor  # [rows, H, d_key/H]
     memory_index: torch.Tensor | None  # [rows, m] positions whose outputs are written; None: no write
     outputs: list[torch.Tensor] = field(default_factory=list)  # the recording, shared by all layers
-    # Diagonal batching runs the layers itself and uses the backbone only around them:
-    capture: dict | None = None  # set: the first layer stores its inputs here and stops the backbone
-    replay: Any = None  # set: every layer returns this (the last layer's output) without running
-
-
-class LayerInputsCaptured(Exception):
-    """Raised by the first ARMT layer in capture mode, once it has stored the backbone's layer inputs."""
 
 
 class AssociativeLayer(nn.Module):
@@ -267,21 +260,17 @@ class AssociativeLayer(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped layer; with a memory attached (`AssociativeMemory.reading`) it reads the memory first
+        and, where the context has write positions, records the memory tokens' outputs."""
         context = self.context
         if context is None:  # no memory attached: the plain layer
             return self.layer(*args, **kwargs)
-        if context.capture is not None:
-            context.capture.update(args=args, kwargs=kwargs, memory_index=context.memory_index)
-            raise LayerInputsCaptured
-        if context.replay is not None:
-            output = context.replay
+        if args:
+            args = (args[0] + self.read(args[0], context.A, context.z), *args[1:])
         else:
-            if args:
-                args = (args[0] + self.read(args[0], context.A, context.z), *args[1:])
-            else:
-                hidden = kwargs["hidden_states"]
-                kwargs["hidden_states"] = hidden + self.read(hidden, context.A, context.z)
-            output = self.layer(*args, **kwargs)
+            hidden = kwargs["hidden_states"]
+            kwargs["hidden_states"] = hidden + self.read(hidden, context.A, context.z)
+        output = self.layer(*args, **kwargs)
         if context.memory_index is not None:
             hidden = output[0] if isinstance(output, tuple) else output
             index = context.memory_index[..., None].expand(-1, -1, hidden.shape[-1])
@@ -311,7 +300,6 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
         self.hidden_size = hidden_size
         self.memory_tokens = nn.Parameter(torch.zeros(num_mem_tokens, hidden_size))
         self.layers = tuple(layers)  # registered in the backbone, referenced here
-        self.diagonal_mode: tuple[dict | None, Any] = (None, None)  # (capture, replay): see LayerContext
         num_heads = layers[0].num_heads
         self.state_shapes = (
             (len(layers), num_heads, 6 * d_mem // num_heads, hidden_size // num_heads),
@@ -334,9 +322,8 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
         """Attach each layer's memory for one backbone call; yields the list the layers record into."""
         outputs: list[torch.Tensor] = []
         A, z = state
-        capture, replay = self.diagonal_mode
         for number, layer in enumerate(self.layers):
-            layer.context = LayerContext(A[:, number], z[:, number], memory_index, outputs, capture, replay)
+            layer.context = LayerContext(A[:, number], z[:, number], memory_index, outputs)
         try:
             yield outputs
         finally:

@@ -19,7 +19,7 @@ from test_causal_lm import SEGMENT, generate, left_pad, prompts
 import modeling_rmt.configuration_rmt as configuration
 import modeling_rmt.diagonal as diagonal_module
 from modeling_rmt import RMTConfig
-from modeling_rmt.diagonal import DiagonalExecutor, _executor
+from modeling_rmt.diagonal import DiagonalExecutor
 
 DECODERS = ["llama", "gpt2", "gpt_neox", "qwen2", "mistral"]
 ENCODERS = ["bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert"]
@@ -120,7 +120,7 @@ def test_modules_without_a_direct_form_run_under_vmap_with_the_same_result(monke
         model.config.diagonal_batching = True
         direct = model(**inputs)
         assert calls == []
-        for grouped in _executor(model).layer.grouped:  # as for a family whose modules are not known
+        for grouped in model.diagonal_executor.layer.grouped:  # as for a family whose modules are not known
             grouped.direct = None
         under_vmap = model(**inputs)
         model.config.diagonal_batching = False
@@ -146,13 +146,24 @@ def test_the_stacked_weights_are_freed_on_request_and_for_training():
     ids = prompts([4 * SEGMENT])[0][None]
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    assert "_diagonal_executor" in model.__dict__
+    assert model.diagonal_executor is not None
     model.release_diagonal_weights()
-    assert "_diagonal_executor" not in model.__dict__
+    assert model.diagonal_executor is None
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)  # rebuilt on use
     model.train()
-    assert "_diagonal_executor" not in model.__dict__
+    assert model.diagonal_executor is None
+
+
+def test_the_stacked_weights_stay_out_of_the_state_dict_and_the_backbone_keeps_its_layers():
+    model = tiny_armt_lm("llama", diagonal_batching=True).eval()
+    keys, parameters = list(model.state_dict()), list(model.parameters())
+    layers = list(model.backbone.model.layers)
+    with torch.no_grad():
+        model(input_ids=prompts([4 * SEGMENT])[0][None])
+    assert model.diagonal_executor is not None
+    assert list(model.state_dict()) == keys and list(model.parameters()) == parameters
+    assert list(model.backbone.model.layers) == layers == list(model.memory.layers)
 
 
 def test_training_uses_the_sequential_loop():

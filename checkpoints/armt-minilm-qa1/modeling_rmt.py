@@ -21,7 +21,7 @@ from .generation import (
 from .loading import bert_as_decoder
 from .memory import MemoryState
 from .outputs import CACHE_NAME, RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
-from .pretrained import RMTPreTrainedModel, scatter_rows
+from .pretrained import BackboneCall, RMTPreTrainedModel, scatter_rows
 from .segmenting import Segment
 
 
@@ -41,8 +41,8 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
                     "(from_backbone reads it from the backbone's tokenizer)."
                 )
 
-    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
-        """Run `[CLS] memory [SEP] tokens [SEP]` through the backbone; return (outputs, memory outputs)."""
+    def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
+        """`[CLS] memory [SEP] tokens [SEP]` through the backbone with its head; the outputs as they are."""
         config, ids, mask = self.config, segment.input_ids, segment.attention_mask
         active, num_mem = ids.shape[0], config.num_mem_tokens
         lengths = mask.sum(dim=1, keepdim=True)
@@ -60,10 +60,8 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
                 [tail_types.new_zeros((active, num_mem + 2)), tail_types.scatter(1, lengths, 0)], dim=1
             )
         memory_index = torch.arange(1, 1 + num_mem, device=ids.device).expand(active, -1)
-        return self._run_backbone(
-            self.backbone, state, memory_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            **backbone_kwargs,
-        )  # fmt: skip
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **backbone_kwargs}
+        return BackboneCall(self.backbone, inputs, memory_index)
 
 
 class RMTModel(RMTEncoderPreTrainedModel):
@@ -273,16 +271,18 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.get_output_embeddings()(hidden)
 
-    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
+    def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
+        """`[read memory] tokens [write memory]` through the base model; the tokens' last hidden states."""
         embedded = self.get_input_embeddings()(segment.input_ids)
         counts = segment.attention_mask.sum(dim=1)
         read, write = memory_slots(self.memory, state)
         inputs_embeds, attention_mask, position_ids, write_index = decoder_segment_inputs(embedded, counts, read, write)
-        outputs, written = self._run_backbone(
-            self.backbone.base_model, state, write_index, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=position_ids, use_cache=False,
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        tokens = slice(read.shape[1], read.shape[1] + embedded.shape[1])
+        return BackboneCall(
+            self.backbone.base_model, {**inputs, "use_cache": False}, write_index,
+            lambda outputs: outputs.last_hidden_state[:, tokens],
         )  # fmt: skip
-        return outputs.last_hidden_state[:, read.shape[1] : read.shape[1] + embedded.shape[1]], written
 
     def forward(
         self,

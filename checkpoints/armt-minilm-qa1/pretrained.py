@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers import initialization as init
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
-from .diagonal import diagonal_segments
+from .diagonal import DiagonalExecutor
 from .loading import check_export_id, check_layer_layout, local_export
 from .memory import AssociativeLayer, AssociativeMemory, MemoryState, TokenMemory, build_memory
 from .segmenting import Segment, SegmentPlan, plan_segments
@@ -56,6 +57,43 @@ def loaded_backbone(backbone: nn.Module, tokenizer: Any, backbone_kwargs: dict[s
     return backbone
 
 
+def _unchanged(outputs: Any) -> Any:
+    return outputs
+
+
+@dataclass
+class BackboneCall:
+    """One segment's backbone call, as a head lays it out: `module(**inputs)`, whose outputs at `memory_index`
+    ([rows, m] positions) the memory writes, and `finish`, turning the call's outputs into the segment's."""
+
+    module: nn.Module
+    inputs: dict[str, Any]
+    memory_index: torch.Tensor
+    finish: Callable[[Any], Any] = _unchanged
+
+
+def sequential_segments(
+    model: RMTPreTrainedModel, plan: SegmentPlan, memory_state: MemoryState | None, **backbone_kwargs: Any
+) -> Iterator[tuple[Segment, Any, MemoryState]]:
+    """The reference segment executor: one segment after another, each through the whole backbone; yields
+    (segment, outputs, memory after it). `DiagonalExecutor` is its peer for inference (same signature)."""
+    memory, steps = model.memory, plan.num_segments
+    state = model._initial_state(plan.batch_size, memory_state)
+    first_step = plan.grid_offset // plan.segment_size
+    # The learned initial memory is a parameter, not a transition: as in the authors' code it is never cut,
+    # so the segments that read it directly (a decoder's first segment, say) still train it.
+    learned_start = memory_state is None
+    for step in range(steps):
+        segment = plan.segment(step)
+        if 0 <= model.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
+            has_history = first_step < step if learned_start else first_step <= step
+            state = memory.detach(state, has_history)  # of documents whose memory came from a segment
+        current = memory.select(state, segment.rows)
+        outputs, written = model._process_segment(segment, current, **backbone_kwargs)
+        state = memory.update(state, segment.rows, memory.write(current, written))
+        yield segment, outputs, state
+
+
 class BaseModelHolder(nn.Module):
     """Holds a base model under its own prefix (e.g. `bert`), so its weights keep the keys they have
     inside a task model: checkpoints of RMTModel and of the task heads load into each other."""
@@ -84,7 +122,12 @@ class BaseModelHolder(nn.Module):
 
 
 class RMTPreTrainedModel(PreTrainedModel):
-    """Shared machinery: building around a backbone, weight init and the segment recurrence."""
+    """Shared machinery: building around a backbone, weight init and the segment recurrence.
+
+    `diagonal_executor` holds the stacked copy of the layer weights that diagonal batching runs on: None until
+    the first diagonal call, rebuilt when the weights have changed since, None again after
+    `release_diagonal_weights()` or `train()`. A plain attribute: never in `state_dict()` or `parameters()`.
+    """
 
     config_class = RMTConfig
     config: RMTConfig
@@ -119,6 +162,7 @@ class RMTPreTrainedModel(PreTrainedModel):
         self._check_backbone(config)
         self._built_with = config.build_settings()  # what `_check_config` holds the config to
         self._checked_settings = config.settings_snapshot()
+        self.diagonal_executor: DiagonalExecutor | None = None
         self.post_init()
 
     @classmethod
@@ -164,7 +208,14 @@ class RMTPreTrainedModel(PreTrainedModel):
     def release_diagonal_weights(self) -> None:
         """Free the stacked copy of the layer weights that diagonal batching builds on first use (it is
         rebuilt when needed again). `train()` frees it too: training never uses it."""
-        self.__dict__.pop("_diagonal_executor", None)
+        self.diagonal_executor = None
+
+    def _current_diagonal_executor(self) -> DiagonalExecutor:
+        """`diagonal_executor`, built when there is none or the weights changed since it was built."""
+        if self.diagonal_executor is None or not self.diagonal_executor.is_current():
+            self.diagonal_executor = None  # free the old stacked weights before stacking new ones
+            self.diagonal_executor = DiagonalExecutor(self.memory)
+        return self.diagonal_executor
 
     def train(self, mode: bool = True) -> RMTPreTrainedModel:
         if mode:
@@ -283,27 +334,15 @@ class RMTPreTrainedModel(PreTrainedModel):
     def _segments(
         self, plan: SegmentPlan, memory_state: MemoryState | None, **backbone_kwargs: Any
     ) -> Iterator[tuple[Segment, Any, MemoryState]]:
-        """Run the segments in order, yielding (segment, backbone output, memory after it) per step."""
-        memory, steps = self.memory, plan.num_segments
-        state = self._initial_state(plan.batch_size, memory_state)
-        # Diagonal batching serves inference: with gradients on (training, or probing a model in eval mode)
-        # the sequential loop runs, so that gradients reach every weight.
+        """Run the segments in order, yielding (segment, backbone output, memory after it) per step; the
+        executor is chosen here, and only here. Diagonal batching serves inference: with gradients on
+        (training, or probing a model in eval mode) the sequential loop runs, so that gradients reach every
+        weight. Its memory is complete only after the last segment (earlier steps yield None)."""
         if self.config.diagonal_batching and not self.training and not torch.is_grad_enabled():
-            yield from diagonal_segments(self, plan, state, **backbone_kwargs)
-            return
-        first_step = plan.grid_offset // plan.segment_size
-        # The learned initial memory is a parameter, not a transition: as in the authors' code it is never cut,
-        # so the segments that read it directly (a decoder's first segment, say) still train it.
-        learned_start = memory_state is None
-        for step in range(steps):
-            segment = plan.segment(step)
-            if 0 <= self.config.bptt_depth <= steps - 1 - step:  # truncated BPTT: cut older transitions
-                has_history = first_step < step if learned_start else first_step <= step
-                state = memory.detach(state, has_history)  # of documents whose memory came from a segment
-            current = memory.select(state, segment.rows)
-            outputs, written = self._process_segment(segment, current, **backbone_kwargs)
-            state = memory.update(state, segment.rows, memory.write(current, written))
-            yield segment, outputs, state
+            execute = self._current_diagonal_executor()
+        else:
+            execute = sequential_segments
+        return execute(self, plan, memory_state, **backbone_kwargs)
 
     def _run_backbone(
         self, module: nn.Module, state: MemoryState, memory_index: torch.Tensor, **backbone_inputs: Any
@@ -330,4 +369,10 @@ class RMTPreTrainedModel(PreTrainedModel):
 
     def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
         """Run one segment reading memory `state`; return (outputs, what the memory positions wrote)."""
+        call = self._backbone_call(segment, state, **backbone_kwargs)
+        outputs, written = self._run_backbone(call.module, state, call.memory_index, **call.inputs)
+        return call.finish(outputs), written
+
+    def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
+        """How this head runs `segment` through the backbone with memory `state`."""
         raise NotImplementedError

@@ -10,27 +10,37 @@ of all layers stacked and applies the right layer's weights to each cell: linear
 LayerNorm and the Llama-family RMSNorm as batched matmuls and broadcast scales written out here, any
 other module through `torch.func.vmap` (same result, more Python overhead per call); everything
 without weights (attention, rotary, activations) runs once on all cells folded into the batch. The
-backbone itself is used around the layers: its first ARMT layer captures the inputs the backbone
-gives its layers (embeddings, masks, rotary tables) for a segment, and once a segment has been
-through every layer the backbone is replayed with the layers returning that output, so final norms
-and heads are the backbone's own as well.
+ARMT reads and writes are `memory.py`'s functions on the stacked ARMT weights.
 
-The stacked copy of the layer weights is built on first use and rebuilt when weights change.
+The backbone itself is used around the layers, with stand-in modules in its layer list for the
+duration of one call (`_stand_ins`): a first call per segment keeps the inputs the backbone gives
+its first layer (embeddings, masks, rotary tables); once the segment has been through every layer a
+second call has the stand-ins answer with that output, so final norms and heads are the backbone's
+own as well. The ARMT layers themselves are never told about any of this.
+
+`DiagonalExecutor` is the peer of the sequential loop (`pretrained.sequential_segments`), called the
+same way; `RMTPreTrainedModel._segments` chooses between them. It lives in the model's
+`diagonal_executor` attribute: built on first use, rebuilt when weights change, dropped by
+`release_diagonal_weights()` and `train()`.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from transformers.pytorch_utils import Conv1D
 
-from .memory import AssociativeMemory, LayerInputsCaptured, associative_read, associative_write
+from .memory import AssociativeMemory, associative_read, associative_write, backbone_layers
+
+if TYPE_CHECKING:
+    from .pretrained import BackboneCall
 
 
 class GroupedModule(nn.Module):
@@ -137,7 +147,8 @@ class GroupedLayer:
 
 
 class DiagonalExecutor:
-    """The grouped backbone layer and the stacked ARMT weights of one model (rebuilt when weights change)."""
+    """The diagonal segment executor of one model: the peer of `pretrained.sequential_segments`, called the
+    same way, holding the grouped backbone layer and the stacked ARMT weights (rebuilt when weights change)."""
 
     def __init__(self, memory: AssociativeMemory) -> None:
         self.memory = memory
@@ -154,15 +165,42 @@ class DiagonalExecutor:
     def is_current(self) -> bool:
         return self._weights_key() == self.key
 
+    def __call__(self, model: Any, plan: Any, memory_state: Any, **backbone_kwargs: Any) -> Iterator[tuple]:
+        """Yield (segment, outputs, memory) for every segment in order, as the sequential loop does; the
+        memory is only complete after the last segment (earlier yields carry None)."""
+        layer_list = _layer_list(model)
+        state = model._initial_state(plan.batch_size, memory_state)
+        num_layers, num_segments = len(self.memory.layers), plan.num_segments
+        A = list(state[0].unbind(1))  # per layer, [B, H, d_key/H, d_model/H]
+        z = list(state[1].unbind(1))
+        work: dict[int, _SegmentWork] = {}
+        for step in range(num_layers + num_segments - 1):
+            if step < num_segments:
+                work[step] = _capture(model, layer_list, plan.segment(step), backbone_kwargs)
+            cells = [(layer, step - layer) for layer in range(num_layers) if 0 <= step - layer < num_segments]
+            groups: dict[Any, list[tuple[int, int]]] = {}
+            for layer, number in cells:
+                item = work[number]
+                key = (item.hidden.shape, _signature(item.args[1:]), _signature(item.kwargs))
+                groups.setdefault(key, []).append((layer, number))
+            for group in groups.values():
+                _run_cells(self, work, group, A, z)
+            finished = step - num_layers + 1
+            if finished >= 0:
+                item = work.pop(finished)
+                last = finished == num_segments - 1
+                final = (torch.stack(A, dim=1), torch.stack(z, dim=1)) if last else None
+                yield item.segment, _replay(layer_list, item), final
+
 
 @dataclass
 class _SegmentWork:
     """A segment on its way through the layers."""
 
     segment: Any
+    call: BackboneCall  # how the head runs the segment through the backbone
     args: tuple
     kwargs: dict
-    memory_index: torch.Tensor
     hidden: torch.Tensor  # input of the next layer
     output: Any = None  # the last layer's output
 
@@ -205,75 +243,80 @@ def _cell_slice(output: Any, cell: int, rows: int) -> Any:
     return output
 
 
-def _executor(model: Any) -> DiagonalExecutor:
-    executor = model.__dict__.get("_diagonal_executor")
-    if executor is None or not executor.is_current():
-        executor = DiagonalExecutor(model.memory)
-        model.__dict__["_diagonal_executor"] = executor
-    return executor
+class _StandIn(nn.Module):
+    """Takes a backbone layer's place for one backbone call and answers `respond(args, kwargs)` without
+    running it; the attributes the backbone reads from its layers (e.g. `attention_type`) are the layer's."""
+
+    def __init__(self, layer: nn.Module, respond: Callable[[tuple, dict], Any]) -> None:
+        super().__init__()
+        self.respond = respond
+        self.__dict__["layer"] = layer  # not a submodule
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["layer"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.respond(args, kwargs)
 
 
-def diagonal_segments(model: Any, plan: Any, state: tuple, **backbone_kwargs: Any) -> Iterator[tuple]:
-    """The segment loop of `RMTPreTrainedModel._segments`, run diagonally.
-
-    Yields (segment, backbone outputs, memory) for every segment in order, as the sequential loop
-    does; the memory is only complete after the last segment (earlier yields carry None).
-    """
-    executor, memory = _executor(model), model.memory
-    num_layers, num_segments = len(memory.layers), plan.num_segments
-    A = list(state[0].unbind(1))  # per layer, [B, H, d_key/H, d_model/H]
-    z = list(state[1].unbind(1))
-    work: dict[int, _SegmentWork] = {}
-    for step in range(num_layers + num_segments - 1):
-        if step < num_segments:
-            work[step] = _capture(model, plan.segment(step), backbone_kwargs)
-        cells = [(layer, step - layer) for layer in range(num_layers) if 0 <= step - layer < num_segments]
-        groups: dict[Any, list[tuple[int, int]]] = {}
-        for layer, number in cells:
-            item = work[number]
-            key = (item.hidden.shape, _signature(item.args[1:]), _signature(item.kwargs))
-            groups.setdefault(key, []).append((layer, number))
-        for group in groups.values():
-            _run_cells(executor, work, group, A, z)
-        finished = step - num_layers + 1
-        if finished >= 0:
-            item = work.pop(finished)
-            last = finished == num_segments - 1
-            final = (torch.stack(A, dim=1), torch.stack(z, dim=1)) if last else None
-            yield item.segment, _replay(model, item, backbone_kwargs), final
-
-
-def _capture(model: Any, segment: Any, backbone_kwargs: dict) -> _SegmentWork:
-    """Run the backbone up to its first layer for `segment`; keep the inputs it gives the layers."""
-    memory, captured = model.memory, {}
-    memory.diagonal_mode = (captured, None)
+@contextmanager
+def _stand_ins(layer_list: nn.ModuleList, responses: list[Callable[[tuple, dict], Any]]) -> Iterator[None]:
+    """Stand-ins in place of the backbone's layers for the duration of one backbone call."""
+    layers = list(layer_list)
+    for number, (layer, respond) in enumerate(zip(layers, responses, strict=True)):
+        layer_list[number] = _StandIn(layer, respond)
     try:
-        model._process_segment(segment, memory.init_state(segment.rows.numel()), **backbone_kwargs)
-    except LayerInputsCaptured:
-        pass
+        yield
     finally:
-        memory.diagonal_mode = (None, None)
+        for number, layer in enumerate(layers):
+            layer_list[number] = layer
+
+
+def _layer_list(model: Any) -> nn.ModuleList:
+    """The backbone's list of layers, which holds the ARMT layers."""
+    layer_list = backbone_layers(model.backbone)
+    if list(layer_list) != list(model.memory.layers):
+        raise ValueError("The backbone's layer list does not hold the ARMT layers; diagonal batching cannot run it.")
+    return layer_list
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a backbone passes its layer."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _capture(model: Any, layer_list: nn.ModuleList, segment: Any, backbone_kwargs: dict) -> _SegmentWork:
+    """The inputs the backbone gives its layers for `segment`: one backbone call with stand-ins for the
+    layers, the first keeping what it is given, all passing the hidden states on."""
+    call = model._backbone_call(segment, model.memory.init_state(segment.rows.numel()), **backbone_kwargs)
+    captured: list[tuple[tuple, dict]] = []
+
+    def keep(args: tuple, kwargs: dict) -> torch.Tensor:
+        captured.append((args, kwargs))
+        return _hidden(args, kwargs)
+
+    with _stand_ins(layer_list, [keep] + [_hidden] * (len(layer_list) - 1)):
+        call.module(**call.inputs)
     if not captured:
-        raise RuntimeError("The backbone did not reach its first ARMT layer; diagonal batching cannot run it.")
-    args, kwargs = captured["args"], dict(captured["kwargs"])
+        raise RuntimeError("The backbone did not call its first ARMT layer; diagonal batching cannot run it.")
+    args, kwargs = captured[0][0], dict(captured[0][1])
     hidden = args[0] if args else kwargs.pop("hidden_states")
-    return _SegmentWork(segment, (hidden, *args[1:]), kwargs, captured["memory_index"], hidden)
+    return _SegmentWork(segment, call, (hidden, *args[1:]), kwargs, hidden)
 
 
-def _replay(model: Any, item: _SegmentWork, backbone_kwargs: dict) -> Any:
-    """The backbone's outputs for a segment whose layers have all run: its layers return their result."""
-    memory = model.memory
-    memory.diagonal_mode = (None, item.output)
-    try:
-        outputs, _ = model._process_segment(
-            item.segment, memory.init_state(item.segment.rows.numel()), **backbone_kwargs
-        )
-    finally:
-        memory.diagonal_mode = (None, None)
+def _replay(layer_list: nn.ModuleList, item: _SegmentWork) -> Any:
+    """The segment's outputs once its layers have all run: the backbone called again, its layers standing
+    in with the last layer's output, so that final norms and heads are the backbone's own."""
+
+    def last_output(args: tuple, kwargs: dict) -> Any:
+        return item.output
+
+    with _stand_ins(layer_list, [last_output] * len(layer_list)):
+        outputs = item.call.module(**item.call.inputs)
     if getattr(outputs, "hidden_states", None) is not None:  # the layers did not run: only the last state is known
         last = item.output[0] if isinstance(item.output, tuple) else item.output
         outputs["hidden_states"] = (last,)
-    return outputs
+    return item.call.finish(outputs)
 
 
 def _run_cells(
@@ -301,7 +344,7 @@ def _run_cells(
     kwargs = _merge([item.kwargs for item in items], width)
     output = executor.layer(index, cells, hidden, *args, **kwargs)
     out_hidden = output[0] if isinstance(output, tuple) else output
-    memory_index = torch.stack([item.memory_index for item in items])
+    memory_index = torch.stack([item.call.memory_index for item in items])
     out_cells = out_hidden.unflatten(0, (cells, width))
     memory_outputs = out_cells.gather(2, memory_index[..., None].expand(-1, -1, -1, out_cells.shape[-1]))
     weights = tuple(w[index] for w in executor.write_weights)
