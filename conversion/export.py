@@ -68,6 +68,7 @@ HUB_FILES: tuple[str, ...] = (
     "memory.py",
     "segmenting.py",
     "generation.py",
+    "generation_cache.py",
     "diagonal.py",
     "loading.py",
 )

@@ -8,7 +8,7 @@ so that `save_pretrained` writes their code and `auto_map` beside the weights (l
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_rmt import RMTConfig
-from .generation import RMTGenerationCache
+from .generation_cache import RMTGenerationCache
 from .memory import TokenMemory
 from .modeling_rmt import (
     RMTCausalLMOutput,

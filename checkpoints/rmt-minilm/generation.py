@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import DynamicCache, GenerationMixin
+from transformers import GenerationMixin
 
+from .generation_cache import Mirrored, RMTGenerationCache
 from .outputs import CACHE_NAME
 
 
@@ -49,109 +50,18 @@ def decoder_segment_inputs(
     return inputs_embeds, attention_mask, columns.expand(rows, -1), write_index
 
 
-class RMTGenerationCache:
-    """Decoding state: each row's current segment in the backbone's KV cache, and the memory.
-
-    `memory_state` is the memory the current segments read (the state after the last completed
-    segment). Rows are reordered together for beam search.
-    """
-
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(
-        self,
-        key_values: DynamicCache,
-        memory_module: Any,
-        memory: Any,
-        filled: list[int],
-        valid: torch.Tensor,
-        seen_tokens: int,
-        segment_size: int,
-    ) -> None:
-        self.key_values = key_values
-        self.memory = memory_module
-        self.memory_state = memory
-        device = memory_module.memory_tokens.device
-        self.filled = filled  # tokens in each row's current segment (host)
-        self.valid = valid  # [B, columns] bool on the host: which cache columns each row attends to
-        self.valid_on_device = valid.to(device)
-        self.filled_on_device = torch.tensor(filled, device=device)
-        self.seen_tokens = seen_tokens  # input tokens consumed so far (prompt + generated)
-        self.segment_size = segment_size
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.key_values.get_seq_length(layer_idx)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Follow the beams. Beams only move within their prompt's group, and the beams of one prompt
-        share its segment phase, so the bookkeeping of filled tokens and valid columns stays as it is."""
-        self.key_values.reorder_cache(beam_idx)
-        self.memory_state = self.memory.select(self.memory_state, beam_idx)
-
-    def append(
-        self,
-        model: Any,
-        inputs_embeds: torch.Tensor,
-        new_valid: torch.Tensor,
-        positions: torch.Tensor,
-        new_valid_on_device: torch.Tensor | None = None,
-        memory_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Any]:
-        """Run new columns through the backbone on top of the cache, reading `memory_state`; return
-        their last hidden states and, with `memory_index` (positions among the new columns), what the
-        memory positions wrote.
-
-        `new_valid` (host) says which rows attend to the new columns; pass its device copy too when it
-        is not all True, so that no copy has to wait for the device."""
-        self.valid = torch.cat([self.valid, new_valid], dim=1)
-        if new_valid_on_device is None:
-            new_valid_on_device = torch.ones(new_valid.shape, dtype=torch.bool, device=inputs_embeds.device)
-        self.valid_on_device = torch.cat([self.valid_on_device, new_valid_on_device], dim=1)
-        with self.memory.reading(self.memory_state, memory_index) as recording:
-            hidden = model.backbone.base_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=self.valid_on_device.long(),
-                position_ids=positions,
-                use_cache=True,
-                **{CACHE_NAME: self.key_values},
-            ).last_hidden_state
-        return hidden, None if memory_index is None else self.memory.collect(recording, hidden, memory_index)
-
-    def drop_dead_columns(self) -> None:
-        """Remove cache columns no row attends to any more (finished segments, placeholders)."""
-        keep = self.valid.any(dim=0)
-        if bool(keep.all()):
-            return
-        index = keep.nonzero().squeeze(1)
-        self.valid = self.valid[:, index]
-        device = self.valid_on_device.device
-        index = (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
-        self.valid_on_device = self.valid_on_device.index_select(1, index)
-        for layer in self.key_values.layers:
-            layer.keys = layer.keys.index_select(-2, index.to(layer.keys.device))
-            layer.values = layer.values.index_select(-2, index.to(layer.values.device))
-
-
-def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, memory_state, key_values):
-    """Read a (left-padded) prompt: all segments but the last update memory, the last goes to the cache.
-
-    Returns the next-token logits [B, 1, V] and the generation cache.
-    """
-    if key_values is not None and (type(key_values) is not DynamicCache or key_values.get_seq_length() > 0):
-        raise ValueError(
-            f"RMTForCausalLM keeps its own decoding cache; got a {type(key_values).__name__}. Do not pass "
-            f"{CACHE_NAME} or cache_implementation (continue a document with memory_state instead)."
-        )
+def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: RMTGenerationCache):
+    """Read a (left-padded) prompt into the empty `cache`: all segments but the last update the memory it
+    holds, the last goes to its KV cache. Returns the next-token logits [B, 1, V]."""
     plan = model._plan(input_ids, attention_mask, None)
-    state = model._read(plan.without_last_segments(), memory_state)
+    state = model._read(plan.without_last_segments(), cache.memory_state)
     config, device = model.config, input_ids.device
     read, _ = memory_slots(model.memory, state)
     num_read = read.shape[1]
     tail_counts = plan.lengths - (plan.segments_per_document - 1) * config.segment_size
     tail_start = plan.content_start + plan.lengths - tail_counts
-    filled = tail_counts.tolist()
-    width = num_read + max(filled)
+    filled = Mirrored.from_device(tail_counts)
+    width = num_read + int(filled.host.max())
     columns = torch.arange(width, device=device)[None, :]
     row_start = width - num_read - tail_counts[:, None]  # rows are right-aligned: all end on the last column
     offset = columns - row_start
@@ -163,14 +73,9 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             1, offset.clamp(0, num_read - 1)[..., None].expand(-1, -1, embeds.shape[-1])
         )
         embeds = torch.where(is_token[..., None], embeds, read_rows)
-    valid_on_device = offset >= 0
-    valid = valid_on_device.cpu()
-    key_values = DynamicCache()  # plain layers: finished segments are dropped column by column
-    cache = RMTGenerationCache(
-        key_values, model.memory, state, filled, valid[:, :0], input_ids.shape[1], config.segment_size
-    )
-    hidden, _ = cache.append(model, embeds, valid, offset.clamp(min=0), valid_on_device)
-    return model.lm_head_logits(hidden[:, -1:]), cache
+    cache.start(state, filled, input_ids.shape[1])
+    hidden, _ = cache.append(model, embeds, Mirrored.from_device(offset >= 0), offset.clamp(min=0))
+    return model.lm_head_logits(hidden[:, -1:])
 
 
 def decode(model: Any, cache: RMTGenerationCache, token_ids: torch.Tensor) -> torch.Tensor:
@@ -180,47 +85,45 @@ def decode(model: Any, cache: RMTGenerationCache, token_ids: torch.Tensor) -> to
     return torch.cat(logits, dim=1)
 
 
+def _all_rows(batch: int, width: int, device: torch.device) -> Mirrored:
+    """New columns every row attends to."""
+    host = torch.ones(batch, width, dtype=torch.bool)
+    return Mirrored(host, torch.ones(batch, width, dtype=torch.bool, device=device))
+
+
 def _decode_one(model: Any, cache: RMTGenerationCache, token: torch.Tensor) -> torch.Tensor:
-    size, memory = cache.segment_size, model.memory
+    size, memory = model.config.segment_size, model.memory
     embedded = model.get_input_embeddings()(token)
     state = cache.memory_state
     read, write = memory_slots(memory, state)
     num_read, num_write = read.shape[1], write.shape[1]
     batch, device = token.shape[0], token.device
-    crossing = [count == size for count in cache.filled]
-    if not any(crossing):
-        positions = (num_read + cache.filled_on_device)[:, None]
-        hidden, _ = cache.append(model, embedded, torch.ones(batch, 1, dtype=torch.bool), positions)
-        cache.filled = [count + 1 for count in cache.filled]
-        cache.filled_on_device = cache.filled_on_device + 1
+    cross = cache.filled.map(lambda filled: filled == size)  # rows whose segment is full
+    if not bool(cross.host.any()):
+        positions = (num_read + cache.filled.on_device)[:, None]
+        hidden, _ = cache.append(model, embedded, _all_rows(batch, 1, device), positions)
+        cache.filled = cache.filled.map(lambda filled: filled + 1)
         return model.lm_head_logits(hidden)
     # Rows whose segment is full: write memory against it, then open a fresh segment with the token.
-    cross = torch.tensor(crossing)
-    cross_on_device = cache.filled_on_device == size  # the same rows, known on the device already
+    crossing = cross.on_device
     write_columns = torch.arange(num_write, device=device)[None, :]
-    write_positions = torch.where(cross_on_device[:, None], num_read + size + write_columns, 0)
-    cross_columns = cross_on_device[:, None].expand(-1, num_write)
+    write_positions = torch.where(crossing[:, None], num_read + size + write_columns, 0)
     _, written = cache.append(
-        model, write.to(embedded.dtype), cross[:, None].expand(-1, num_write), write_positions, cross_columns,
+        model, write.to(embedded.dtype), cross.map(lambda rows: rows[:, None].expand(-1, num_write)), write_positions,
         memory_index=write_columns.expand(batch, -1),
     )  # fmt: skip
-    state = memory.where(cross_on_device, memory.write(state, written), state)
+    state = memory.where(crossing, memory.write(state, written), state)
     cache.memory_state = state  # the fresh segments read the new memory
-    cache.valid[cross] = False  # crossing rows are done with every column so far
-    cache.valid_on_device = cache.valid_on_device & ~cross_on_device[:, None]
+    cache.valid = cache.valid.map(lambda valid, rows: valid & ~rows[:, None], cross)  # done with every column so far
     read, _ = memory_slots(memory, state)
     read_columns = torch.arange(num_read, device=device)[None, :]
-    new_valid = torch.cat([cross[:, None].expand(-1, num_read), torch.ones(batch, 1, dtype=torch.bool)], dim=1)
-    token_position = torch.where(cross_on_device, num_read, num_read + cache.filled_on_device)[:, None]
-    positions = torch.cat([torch.where(cross_on_device[:, None], read_columns, 0), token_position], dim=1)
-    new_valid_on_device = torch.cat(
-        [cross_on_device[:, None].expand(-1, num_read), torch.ones_like(cross_on_device[:, None])], dim=1
+    token_position = torch.where(crossing, num_read, num_read + cache.filled.on_device)[:, None]
+    positions = torch.cat([torch.where(crossing[:, None], read_columns, 0), token_position], dim=1)
+    new_valid = cross.map(  # crossing rows attend to their fresh read memory; every row to the token
+        lambda rows: torch.cat([rows[:, None].expand(-1, num_read), torch.ones_like(rows[:, None])], dim=1)
     )
-    hidden, _ = cache.append(
-        model, torch.cat([read.to(embedded.dtype), embedded], dim=1), new_valid, positions, new_valid_on_device
-    )
-    cache.filled = [1 if c else count + 1 for c, count in zip(crossing, cache.filled, strict=True)]
-    cache.filled_on_device = torch.where(cross_on_device, 1, cache.filled_on_device + 1)
+    hidden, _ = cache.append(model, torch.cat([read.to(embedded.dtype), embedded], dim=1), new_valid, positions)
+    cache.filled = cache.filled.map(lambda filled, rows: torch.where(rows, 1, filled + 1), cross)
     cache.drop_dead_columns()
     return model.lm_head_logits(hidden[:, -1:])
 
@@ -240,7 +143,7 @@ def _assisted_options(generation_config: Any, kwargs: dict[str, Any]) -> list[st
 
 
 class RMTGenerationMixin(GenerationMixin):
-    """`generate()` for RMTForCausalLM: every GenerationMixin strategy runs over our cache object."""
+    """`generate()` for RMTForCausalLM: every GenerationMixin strategy runs over an `RMTGenerationCache`."""
 
     def generate(self, inputs: Any = None, generation_config: Any = None, **kwargs: Any) -> Any:
         """GenerationMixin.generate, refusing what cannot work with a memory that is written while decoding
@@ -253,17 +156,34 @@ class RMTGenerationMixin(GenerationMixin):
                     "set): its memory is stateful, written as tokens are accepted, and cannot roll back rejected "
                     f"draft tokens. Drop {', '.join(options)} (from the generation config too)."
                 )
+        for name in ("cache", "past_key_values"):  # both names: transformers renames the deprecated one later
+            if kwargs.get(name) is not None:
+                raise ValueError(_own_cache_message(f"got {name}={type(kwargs[name]).__name__}"))
         return super().generate(inputs, generation_config, **kwargs)
 
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: Any = None, **model_kwargs: Any
     ) -> tuple[Any, dict[str, Any]]:
-        """As transformers does for beams and returned sequences, and also for ARMT's (A, z) memory
-        state: transformers expands only the tensors among the kwargs, not tuples of them."""
-        memory_state = model_kwargs.get("memory_state")
-        if isinstance(memory_state, tuple) and expand_size > 1:
-            model_kwargs["memory_state"] = tuple(part.repeat_interleave(expand_size, dim=0) for part in memory_state)
-        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        """Where transformers repeats each prompt's inputs for beams and returned sequences (before it prepares
+        a cache), the memory passed as `memory_state` moves into a new, empty RMTGenerationCache, which repeats
+        it with its own `batch_repeat_interleave` (transformers repeats only the tensors among the inputs,
+        not ARMT's (A, z) tuple)."""
+        cache = RMTGenerationCache(self.memory, model_kwargs.pop("memory_state", None))
+        cache.batch_repeat_interleave(expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, {**model_kwargs, CACHE_NAME: cache}
+
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int, max_cache_length: int
+    ) -> None:
+        """Keep the RMTGenerationCache made with the inputs (instead of transformers' DynamicCache): refuse
+        the settings that ask for another cache or none."""
+        if generation_config.cache_implementation is not None:
+            raise ValueError(_own_cache_message(f"got cache_implementation={generation_config.cache_implementation!r}"))
+        if generation_config.use_cache is False:
+            raise ValueError("RMTForCausalLM.generate needs use_cache=True: decoding continues the cached segment.")
 
     def _prefill(self, input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         if getattr(generation_config, "prefill_chunk_size", None) is not None:
@@ -271,16 +191,11 @@ class RMTGenerationMixin(GenerationMixin):
         return super()._prefill(input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        memory_state: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Any,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        cache = kwargs.pop(CACHE_NAME, None)  # `cache` from transformers 5.24 on, `past_key_values` before
-        if isinstance(cache, RMTGenerationCache):
-            return {"input_ids": input_ids[:, cache.seen_tokens :], CACHE_NAME: cache}
+        cache: RMTGenerationCache = kwargs[CACHE_NAME]  # `cache` from transformers 5.24 on, `past_key_values` before
+        if cache.get_seq_length() > 0:  # decoding: the tokens the cache has not read
+            return {"input_ids": input_ids[:, cache.get_seq_length() :], "cache": cache}
         for option in ("output_attentions", "output_hidden_states"):
             if kwargs.get(option):
                 raise ValueError(f"RMTForCausalLM.generate does not return per-layer outputs; drop {option}=True.")
@@ -302,13 +217,11 @@ class RMTGenerationMixin(GenerationMixin):
                 "A prompt has padding on the right; generation continues each prompt at its end, so pad on "
                 "the left: set tokenizer.padding_side = 'left'."
             )
-        if use_cache is False:
-            raise ValueError("RMTForCausalLM.generate needs use_cache=True: decoding continues the cached segment.")
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "memory_state": memory_state,
-            CACHE_NAME: cache,
-            "use_cache": True,
-            "prefill_prompt": True,
-        }
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache}
+
+
+def _own_cache_message(got: str) -> str:
+    return (
+        f"RMTForCausalLM keeps its own decoding cache (RMTGenerationCache); {got}. Do not pass a cache or "
+        "cache_implementation (continue a document with memory_state instead)."
+    )

@@ -10,14 +10,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_rmt import CAUSAL_ENCODER_FAMILIES, RMTConfig, is_decoder_family
-from .generation import (
-    RMTGenerationCache,
-    RMTGenerationMixin,
-    decode,
-    decoder_segment_inputs,
-    memory_slots,
-    prefill,
-)
+from .generation import RMTGenerationMixin, decode, decoder_segment_inputs, memory_slots, prefill
+from .generation_cache import RMTGenerationCache
 from .loading import bert_as_decoder
 from .memory import MemoryState
 from .outputs import CACHE_NAME, RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
@@ -295,25 +289,25 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
         return_dict: bool | None = None,
         use_cache: bool | None = None,
-        cache: Any = None,
-        past_key_values: Any = None,
-        prefill_prompt: bool = False,
+        cache: RMTGenerationCache | None = None,
     ) -> RMTCausalLMOutput | tuple:
         """Logits (and the loss with `labels`) over whole documents of any length.
 
         `token_type_ids` (from BERT tokenizers) must be all 0. `num_items_in_batch` is `Trainer`'s loss
-        normaliser. `cache`/`past_key_values` (the name depends on the transformers release),
-        `use_cache` and `prefill_prompt` are set by `generate()`: a plain call always runs the full
-        forward pass, whatever `use_cache` says.
+        normaliser. `cache` is set by `generate()` (an `RMTGenerationCache`: empty, the call reads the prompt;
+        else it continues decoding); `use_cache` is accepted for compatibility: a call without a cache always
+        runs the full forward pass.
         """
         if token_type_ids is not None and bool(token_type_ids.any()):
             raise ValueError("RMTForCausalLM reads every token as type 0; drop token_type_ids (or pass zeros).")
-        cache = cache if cache is not None else past_key_values
-        if isinstance(cache, RMTGenerationCache):  # decoding: continue the cached segments
-            logits = decode(self, cache, input_ids)
-            output = RMTCausalLMOutput(logits=logits, memory_state=cache.memory_state, **{CACHE_NAME: cache})
-        elif prefill_prompt:  # the first call of generate(): read the prompt
-            logits, cache = prefill(self, input_ids, attention_mask, memory_state, cache)
+        if cache is not None and not isinstance(cache, RMTGenerationCache):
+            raise ValueError(
+                f"RMTForCausalLM keeps its own decoding cache (RMTGenerationCache); got a {type(cache).__name__}: "
+                "call generate() (continue a document with memory_state)."
+            )
+        if cache is not None:  # inside generate(): read the prompt into the empty cache, then continue it
+            reads_prompt = cache.get_seq_length() == 0
+            logits = prefill(self, input_ids, attention_mask, cache) if reads_prompt else decode(self, cache, input_ids)
             output = RMTCausalLMOutput(logits=logits, memory_state=cache.memory_state, **{CACHE_NAME: cache})
         else:
             loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
