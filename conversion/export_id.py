@@ -13,13 +13,14 @@ import uuid
 from pathlib import Path
 
 from conversion.export_folder import read_marker, sha256
+from modeling_rmt.loading import safetensors_header
 
 
 def stamp_safetensors(path: Path, metadata: dict[str, str]) -> None:
     """Add `metadata` to a safetensors file's header (`__metadata__`), rewriting the file beside itself."""
+    header, data_start = safetensors_header(path)
     with open(path, "rb") as source:
-        (length,) = struct.unpack("<Q", source.read(8))
-        header = json.loads(source.read(length))
+        source.seek(data_start)
         header["__metadata__"] = {**(header.get("__metadata__") or {}), **metadata}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the tensor data 8-byte aligned, as safetensors writes it

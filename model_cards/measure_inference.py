@@ -41,6 +41,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from modeling_rmt.loading import safetensors_header  # noqa: E402
 from rmt_tools.hardware import cpu_bfloat16_is_fast, cpu_capability  # noqa: E402
 from rmt_training.decoder import ANSWER_RESERVE, end_token_id, pad_token_id  # noqa: E402
 from rmt_training.evaluate_lengths import tensors_fingerprint, weights_fingerprint  # noqa: E402
@@ -71,8 +72,7 @@ def load(checkpoint: str | Path, dtype: str | None = None) -> tuple[Any, Any]:
 
 def stored_dtypes(checkpoint: str | Path) -> list[str]:
     """The dtypes of the tensors in the checkpoint's model.safetensors (read from its header)."""
-    with open(Path(checkpoint, "model.safetensors"), "rb") as handle:
-        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    header, _ = safetensors_header(Path(checkpoint, "model.safetensors"))
     names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
     return sorted({names.get(v["dtype"], v["dtype"]) for k, v in header.items() if k != "__metadata__"})
 

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from modeling_rmt.loading import safetensors_header
 from rmt_tools.hardware import slow_bfloat16_warning
 
 from .babilong import babilong_correct
@@ -53,13 +54,12 @@ def tensors_fingerprint(checkpoint: str | Path) -> str:
     files: an export that rewrites the files' metadata (their export id) leaves it unchanged."""
     digest = hashlib.sha256()
     for weights in sorted(Path(checkpoint).glob("*.safetensors")):
+        header, data_start = safetensors_header(weights)
         with weights.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
             for name in sorted(key for key in header if key != "__metadata__"):
                 entry = header[name]
                 begin, end = entry["data_offsets"]
-                handle.seek(8 + size + begin)
+                handle.seek(data_start + begin)
                 digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
                 digest.update(handle.read(end - begin))
     return digest.hexdigest()

@@ -13,6 +13,13 @@ from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModel, AutoModelForCau
 from transformers.utils import cached_file
 
 
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor entries and `__metadata__`) and the offset its tensor data starts at."""
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(size)), 8 + size
+
+
 def checkpoint_keys(name: str | os.PathLike, source_kwargs: dict[str, Any]) -> set[str] | None:
     """The weight names of a safetensors checkpoint (a folder or a cached Hub id), read from its header or
     shard index; None where that cannot be told (only a .bin file, or nothing found)."""
@@ -26,11 +33,10 @@ def checkpoint_keys(name: str | os.PathLike, source_kwargs: dict[str, Any]) -> s
             return None
         if path is None:
             continue
-        with open(path, "rb") as handle:
-            if filename.endswith(".json"):
+        if filename.endswith(".json"):
+            with open(path) as handle:
                 return set(json.load(handle)["weight_map"])
-            (size,) = struct.unpack("<Q", handle.read(8))
-            return set(json.loads(handle.read(size))) - {"__metadata__"}
+        return set(safetensors_header(path)[0]) - {"__metadata__"}
     return None
 
 
@@ -80,9 +86,7 @@ def check_export_id(folder: str, expected: str | None) -> None:
         if not filename.endswith(".safetensors"):
             continue
         try:
-            with open(os.path.join(folder, filename), "rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                found = (json.loads(handle.read(size)).get("__metadata__") or {}).get("export_id")
+            found = (safetensors_header(os.path.join(folder, filename))[0].get("__metadata__") or {}).get("export_id")
         except (OSError, ValueError, struct.error, AttributeError):  # unreadable: transformers has said so already
             continue
         if found is not None and found != expected:
