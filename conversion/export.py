@@ -66,6 +66,7 @@ HUB_FILES: tuple[str, ...] = (
     "pretrained.py",
     "outputs.py",
     "memory.py",
+    "layout.py",
     "segmenting.py",
     "generation.py",
     "generation_cache.py",

@@ -105,7 +105,7 @@ def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
 def model_outputs(output) -> dict[str, torch.Tensor]:
     """The logits and every memory-state tensor of a model output, by name."""
     state = output.memory_state
-    parts = state if isinstance(state, tuple) else (state,)
+    parts = (state,) if isinstance(state, torch.Tensor) else tuple(state)
     outputs = {"logits": output.logits, **{f"memory_state[{i}]": part for i, part in enumerate(parts)}}
     if getattr(output, "segment_hidden_states", None) is not None:
         outputs["final segment's hidden states"] = output.segment_hidden_states[-1]

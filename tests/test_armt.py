@@ -9,7 +9,7 @@ from test_causal_lm import MEMORY, SEGMENT, answer_accuracy, generate, left_pad,
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_rmt import RMTConfig, RMTForCausalLM
-from modeling_rmt.memory import AssociativeLayer
+from modeling_rmt.memory import AssociativeLayer, AssociativeState
 
 ARMT = dict(memory_type="armt", armt_d_mem=8, armt_num_heads=2)
 DECODER_FAMILIES = ["llama", "gpt2", "gpt_neox", "qwen2"]
@@ -201,8 +201,10 @@ def test_reading_a_document_once_then_asking_equals_one_long_call():
     document, question = prompts([15, 7])
     with torch.no_grad():
         memory = model(input_ids=document[None]).memory_state
-    assert isinstance(memory, tuple) and len(memory) == 2
+    assert isinstance(memory, AssociativeState) and len(memory) == 2
     answer = generate(model, {"input_ids": question[None]}, 9, memory_state=memory)
+    as_tuple = generate(model, {"input_ids": question[None]}, 9, memory_state=(memory.A, memory.z))  # as before
+    assert torch.equal(as_tuple.sequences, answer.sequences)
     whole = generate(model, {"input_ids": torch.cat([document, question])[None]}, 9)
     assert torch.equal(answer.sequences[0, 7:], whole.sequences[0, 22:])
     beams = dict(num_beams=2, num_return_sequences=2, max_new_tokens=6, do_sample=False, pad_token_id=0)

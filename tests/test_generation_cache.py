@@ -23,7 +23,7 @@ def memories(model, documents: list[torch.Tensor]):
 
 def select_rows(state, rows: list[int]):
     index = torch.tensor(rows)
-    return tuple(part[index] for part in state) if isinstance(state, tuple) else state[index]
+    return state[index] if isinstance(state, torch.Tensor) else tuple(part[index] for part in state)  # ARMT: a tuple
 
 
 def read_prompts(model, batch: dict[str, torch.Tensor], state=None) -> RMTGenerationCache:
@@ -85,7 +85,7 @@ def test_select_repeat_and_reorder_act_on_memory_kv_and_bookkeeping_alike(memory
     filled, valid = cache.filled.host.clone(), cache.valid.host.clone()
 
     def parts(state):
-        return state if isinstance(state, tuple) else (state,)
+        return (state,) if isinstance(state, torch.Tensor) else tuple(state)
 
     rows = torch.tensor([2, 0])
     cache.batch_select_indices(rows)
