@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
 
+from .layout import overhead
+
 # Encoder families whose `*ForSequenceClassification` heads read the first ([CLS]) position and whose
 # embeddings accept `inputs_embeds`.
 ENCODER_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta", "camembert")
@@ -24,8 +26,6 @@ DIAGONAL_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "r
                      "electra", "distilbert")  # fmt: skip
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
-# Special tokens around every encoder segment: [CLS] memory [SEP] tokens [SEP]
-ENCODER_SPECIAL_TOKENS = 3
 AUTO_MAP = {
     "AutoConfig": "configuration_rmt.RMTConfig",
     "AutoModel": "modeling_rmt.RMTModel",
@@ -75,11 +75,8 @@ def backbone_position_limit(text_config: PreTrainedConfig) -> int:
 
 
 def segment_overhead(text_config: PreTrainedConfig, num_mem_tokens: int, memory_type: str = "rmt") -> int:
-    """Positions a segment needs besides its content: encoders `[CLS] mem [SEP] ... [SEP]`, decoders
-    `[read mem] ... [write mem]` (RMT) or `... [mem]` (ARMT)."""
-    if is_decoder_family(text_config):
-        return num_mem_tokens if memory_type == "armt" else 2 * num_mem_tokens
-    return num_mem_tokens + ENCODER_SPECIAL_TOKENS
+    """Positions a segment needs besides its content, as `layout.py` lays segments out."""
+    return overhead(is_decoder_family(text_config), num_mem_tokens, memory_type)
 
 
 def _as_backbone_config(text_config: Any) -> PreTrainedConfig:

@@ -37,10 +37,10 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from transformers.pytorch_utils import Conv1D
 
-from .memory import AssociativeMemory, associative_read, associative_write, backbone_layers
+from .memory import AssociativeMemory, AssociativeState, associative_read, associative_write, backbone_layers
 
 if TYPE_CHECKING:
-    from .pretrained import BackboneCall
+    from .layout import BackboneCall
 
 
 class GroupedModule(nn.Module):
@@ -171,8 +171,8 @@ class DiagonalExecutor:
         layer_list = _layer_list(model)
         state = model._initial_state(plan.batch_size, memory_state)
         num_layers, num_segments = len(self.memory.layers), plan.num_segments
-        A = list(state[0].unbind(1))  # per layer, [B, H, d_key/H, d_model/H]
-        z = list(state[1].unbind(1))
+        A = list(state.A.unbind(1))  # per layer, [B, H, d_key/H, d_model/H]
+        z = list(state.z.unbind(1))
         work: dict[int, _SegmentWork] = {}
         for step in range(num_layers + num_segments - 1):
             if step < num_segments:
@@ -189,7 +189,7 @@ class DiagonalExecutor:
             if finished >= 0:
                 item = work.pop(finished)
                 last = finished == num_segments - 1
-                final = (torch.stack(A, dim=1), torch.stack(z, dim=1)) if last else None
+                final = AssociativeState(torch.stack(A, dim=1), torch.stack(z, dim=1)) if last else None
                 yield item.segment, _replay(layer_list, item), final
 
 

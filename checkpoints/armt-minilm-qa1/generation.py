@@ -21,60 +21,23 @@ import torch
 from transformers import GenerationMixin
 
 from .generation_cache import Mirrored, RMTGenerationCache
+from .layout import memory_slots, prompt_tail, token_positions, write_positions
 from .outputs import CACHE_NAME
-
-
-def memory_slots(memory: Any, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of a decoder segment's read and write memory positions: RMT places its state at both,
-    ARMT its learned tokens at the end only (read memory of width 0)."""
-    tokens = memory.tokens(state)
-    return (tokens if memory.recurs_through_tokens else tokens[:, :0]), tokens
-
-
-def decoder_segment_inputs(
-    token_embeds: torch.Tensor, counts: torch.Tensor, read: torch.Tensor, write: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lay out `[read] tokens [write]` for rows holding `counts` tokens (left-packed).
-
-    Returns inputs_embeds [A, r + w + m, d], attention_mask, position_ids (restarting at 0 in every
-    segment) and the positions of the write memory [A, m].
-    """
-    rows, width, hidden = token_embeds.shape
-    num_read, num_write = read.shape[1], write.shape[1]
-    read, write = read.to(token_embeds.dtype), write.to(token_embeds.dtype)
-    write_index = num_read + counts[:, None] + torch.arange(num_write, device=counts.device)[None, :]
-    inputs_embeds = torch.cat([read, token_embeds, write.new_zeros((rows, num_write, hidden))], dim=1)
-    inputs_embeds = inputs_embeds.scatter(1, write_index[..., None].expand(-1, -1, hidden), write)
-    columns = torch.arange(num_read + width + num_write, device=counts.device)
-    attention_mask = (columns[None, :] < num_read + num_write + counts[:, None]).long()
-    return inputs_embeds, attention_mask, columns.expand(rows, -1), write_index
 
 
 def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: RMTGenerationCache):
     """Read a (left-padded) prompt into the empty `cache`: all segments but the last update the memory it
-    holds, the last goes to its KV cache. Returns the next-token logits [B, 1, V]."""
+    holds, the last goes to its KV cache (`layout.prompt_tail`). Returns the next-token logits [B, 1, V]."""
     plan = model._plan(input_ids, attention_mask, None)
     state = model._read(plan.without_last_segments(), cache.memory_state)
-    config, device = model.config, input_ids.device
     read, _ = memory_slots(model.memory, state)
-    num_read = read.shape[1]
-    tail_counts = plan.lengths - (plan.segments_per_document - 1) * config.segment_size
-    tail_start = plan.content_start + plan.lengths - tail_counts
-    filled = Mirrored.from_device(tail_counts)
-    width = num_read + int(filled.host.max())
-    columns = torch.arange(width, device=device)[None, :]
-    row_start = width - num_read - tail_counts[:, None]  # rows are right-aligned: all end on the last column
-    offset = columns - row_start
-    is_token = offset >= num_read
-    token_index = (tail_start[:, None] + offset - num_read).clamp(0, input_ids.shape[1] - 1)
-    embeds = model.get_input_embeddings()(input_ids.gather(1, token_index))
-    if num_read:
-        read_rows = read.to(embeds.dtype).gather(
-            1, offset.clamp(0, num_read - 1)[..., None].expand(-1, -1, embeds.shape[-1])
-        )
-        embeds = torch.where(is_token[..., None], embeds, read_rows)
+    counts = plan.lengths - (plan.segments_per_document - 1) * model.config.segment_size
+    filled = Mirrored.from_device(counts)
+    width = read.shape[1] + int(filled.host.max())
+    first = plan.content_start + plan.lengths - counts
+    embeds, valid, positions = prompt_tail(model.get_input_embeddings(), input_ids, first, counts, width, read)
     cache.start(state, filled, input_ids.shape[1])
-    hidden, _ = cache.append(model, embeds, Mirrored.from_device(offset >= 0), offset.clamp(min=0))
+    hidden, _ = cache.append(model, embeds, Mirrored.from_device(valid), positions)
     return model.lm_head_logits(hidden[:, -1:])
 
 
@@ -94,36 +57,33 @@ def _all_rows(batch: int, width: int, device: torch.device) -> Mirrored:
 def _decode_one(model: Any, cache: RMTGenerationCache, token: torch.Tensor) -> torch.Tensor:
     size, memory = model.config.segment_size, model.memory
     embedded = model.get_input_embeddings()(token)
-    state = cache.memory_state
-    read, write = memory_slots(memory, state)
+    read, write = memory_slots(memory, cache.memory_state)
     num_read, num_write = read.shape[1], write.shape[1]
     batch, device = token.shape[0], token.device
     cross = cache.filled.map(lambda filled: filled == size)  # rows whose segment is full
     if not bool(cross.host.any()):
-        positions = (num_read + cache.filled.on_device)[:, None]
+        positions = token_positions(num_read, cache.filled.on_device)
         hidden, _ = cache.append(model, embedded, _all_rows(batch, 1, device), positions)
         cache.filled = cache.filled.map(lambda filled: filled + 1)
         return model.lm_head_logits(hidden)
     # Rows whose segment is full: write memory against it, then open a fresh segment with the token.
     crossing = cross.on_device
-    write_columns = torch.arange(num_write, device=device)[None, :]
-    write_positions = torch.where(crossing[:, None], num_read + size + write_columns, 0)
-    _, written = cache.append(
-        model, write.to(embedded.dtype), cross.map(lambda rows: rows[:, None].expand(-1, num_write)), write_positions,
-        memory_index=write_columns.expand(batch, -1),
-    )  # fmt: skip
-    state = memory.where(crossing, memory.write(state, written), state)
-    cache.memory_state = state  # the fresh segments read the new memory
+    write_index = torch.arange(num_write, device=device)[None, :].expand(batch, -1)  # among the new columns
+    full = torch.full((batch,), size, device=device)
+    write_at = torch.where(crossing[:, None], write_positions(num_read, full, num_write), 0)
+    writers = cross.map(lambda rows: rows[:, None].expand(-1, num_write))
+    _, written = cache.append(model, write.to(embedded.dtype), writers, write_at, memory_index=write_index)
+    cache.memory_state = memory.where(crossing, written, cache.memory_state)  # the fresh segments read it
     cache.valid = cache.valid.map(lambda valid, rows: valid & ~rows[:, None], cross)  # done with every column so far
-    read, _ = memory_slots(memory, state)
-    read_columns = torch.arange(num_read, device=device)[None, :]
-    token_position = torch.where(crossing, num_read, num_read + cache.filled.on_device)[:, None]
-    positions = torch.cat([torch.where(crossing[:, None], read_columns, 0), token_position], dim=1)
+    read, _ = memory_slots(memory, cache.memory_state)
+    filled = cache.filled.map(lambda filled, rows: torch.where(rows, 0, filled), cross)
+    read_at = torch.where(crossing[:, None], torch.arange(num_read, device=device)[None, :], 0)
+    positions = torch.cat([read_at, token_positions(num_read, filled.on_device)], dim=1)
     new_valid = cross.map(  # crossing rows attend to their fresh read memory; every row to the token
         lambda rows: torch.cat([rows[:, None].expand(-1, num_read), torch.ones_like(rows[:, None])], dim=1)
     )
     hidden, _ = cache.append(model, torch.cat([read.to(embedded.dtype), embedded], dim=1), new_valid, positions)
-    cache.filled = cache.filled.map(lambda filled, rows: torch.where(rows, 1, filled + 1), cross)
+    cache.filled = filled.map(lambda filled: filled + 1)
     cache.drop_dead_columns()
     return model.lm_head_logits(hidden[:, -1:])
 
@@ -159,31 +119,34 @@ class RMTGenerationMixin(GenerationMixin):
         for name in ("cache", "past_key_values"):  # both names: transformers renames the deprecated one later
             if kwargs.get(name) is not None:
                 raise ValueError(_own_cache_message(f"got {name}={type(kwargs[name]).__name__}"))
+        # The decoding state starts here, empty, holding the memory to continue from (None: the learned memory).
+        # transformers keeps a cache given this way; `_prepare_cache_for_generation` expands it for beams.
+        prompts = inputs if inputs is not None else kwargs.get("input_ids")
+        memory_state = self._prompt_memory(prompts, kwargs.pop("memory_state", None))
+        kwargs[CACHE_NAME] = RMTGenerationCache(self.memory, memory_state)
         return super().generate(inputs, generation_config, **kwargs)
 
-    def _expand_inputs_for_generation(
-        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: Any = None, **model_kwargs: Any
-    ) -> tuple[Any, dict[str, Any]]:
-        """Where transformers repeats each prompt's inputs for beams and returned sequences (before it prepares
-        a cache), the memory passed as `memory_state` moves into a new, empty RMTGenerationCache, which repeats
-        it with its own `batch_repeat_interleave` (transformers repeats only the tensors among the inputs,
-        not ARMT's (A, z) tuple)."""
-        cache = RMTGenerationCache(self.memory, model_kwargs.pop("memory_state", None))
-        cache.batch_repeat_interleave(expand_size)
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs
-        )
-        return input_ids, {**model_kwargs, CACHE_NAME: cache}
+    def _prompt_memory(self, prompts: Any, memory_state: Any) -> Any:
+        """The memory passed to `generate()`, its shape checked against the prompts (one state per prompt) so that
+        the cache can repeat it for beams; its values are checked and cast once, where the prompt is read."""
+        if memory_state is None:
+            return None
+        if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2:
+            raise ValueError("generate() with memory_state needs the prompts as input_ids (a [batch, length] tensor).")
+        return self.memory.check_state(memory_state, prompts.shape[0])
 
     def _prepare_cache_for_generation(
         self, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int, max_cache_length: int
     ) -> None:
-        """Keep the RMTGenerationCache made with the inputs (instead of transformers' DynamicCache): refuse
-        the settings that ask for another cache or none."""
+        """Keep the RMTGenerationCache `generate` made (instead of transformers' DynamicCache), repeating its rows
+        as transformers has repeated the prompts (beams, `num_return_sequences`); refuse the settings that ask
+        for another cache or none."""
         if generation_config.cache_implementation is not None:
             raise ValueError(_own_cache_message(f"got cache_implementation={generation_config.cache_implementation!r}"))
         if generation_config.use_cache is False:
             raise ValueError("RMTForCausalLM.generate needs use_cache=True: decoding continues the cached segment.")
+        cache = model_kwargs[CACHE_NAME]
+        cache.batch_repeat_interleave(max(generation_config.num_beams, generation_config.num_return_sequences))
 
     def _prefill(self, input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         if getattr(generation_config, "prefill_chunk_size", None) is not None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from transformers import initialization as init
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
 from .diagonal import DiagonalExecutor
+from .layout import BackboneCall
 from .loading import check_export_id, check_layer_layout, local_export
 from .memory import AssociativeLayer, AssociativeMemory, MemoryState, TokenMemory, build_memory
 from .segmenting import Segment, SegmentPlan, plan_segments
@@ -57,21 +57,6 @@ def loaded_backbone(backbone: nn.Module, tokenizer: Any, backbone_kwargs: dict[s
     return backbone
 
 
-def _unchanged(outputs: Any) -> Any:
-    return outputs
-
-
-@dataclass
-class BackboneCall:
-    """One segment's backbone call, as a head lays it out: `module(**inputs)`, whose outputs at `memory_index`
-    ([rows, m] positions) the memory writes, and `finish`, turning the call's outputs into the segment's."""
-
-    module: nn.Module
-    inputs: dict[str, Any]
-    memory_index: torch.Tensor
-    finish: Callable[[Any], Any] = _unchanged
-
-
 def sequential_segments(
     model: RMTPreTrainedModel, plan: SegmentPlan, memory_state: MemoryState | None, **backbone_kwargs: Any
 ) -> Iterator[tuple[Segment, Any, MemoryState]]:
@@ -89,8 +74,8 @@ def sequential_segments(
             has_history = first_step < step if learned_start else first_step <= step
             state = memory.detach(state, has_history)  # of documents whose memory came from a segment
         current = memory.select(state, segment.rows)
-        outputs, written = model._process_segment(segment, current, **backbone_kwargs)
-        state = memory.update(state, segment.rows, memory.write(current, written))
+        outputs, written = model.step(model._backbone_call(segment, current, **backbone_kwargs), current)
+        state = memory.update(state, segment.rows, written)
         yield segment, outputs, state
 
 
@@ -344,15 +329,21 @@ class RMTPreTrainedModel(PreTrainedModel):
             execute = sequential_segments
         return execute(self, plan, memory_state, **backbone_kwargs)
 
-    def _run_backbone(
-        self, module: nn.Module, state: MemoryState, memory_index: torch.Tensor, **backbone_inputs: Any
-    ) -> tuple:
-        """Call `module` (the backbone or its base model) with the memory attached; returns (outputs,
-        what the memory positions wrote)."""
-        with self.memory.reading(state, memory_index) as recording:
-            outputs = module(**backbone_inputs)
+    def step(self, call: BackboneCall, state: MemoryState) -> tuple[Any, MemoryState]:
+        """The recurrence: one backbone call reading memory `state` -> (its outputs, the memory after it).
+
+        Every path runs its segments through here: the sequential loop (a whole segment per call), the
+        prompt prefill and decoding (a segment's columns through a KV cache; the call at a segment boundary
+        runs the write memory). A call without `memory_index` writes nothing: the state is returned as it is.
+        `DiagonalExecutor`, the fast path for inference, computes the same per layer (see diagonal.py).
+        """
+        with self.memory.reading(state, call.memory_index) as recording:
+            outputs = call.module(**call.inputs)
+        if call.memory_index is None:
+            return call.finish(outputs), state
         hidden = outputs.last_hidden_state if "last_hidden_state" in outputs else (outputs.hidden_states or [None])[-1]
-        return outputs, self.memory.collect(recording, hidden, memory_index)
+        written = self.memory.collect(recording, hidden, call.memory_index)
+        return call.finish(outputs), self.memory.write(state, written)
 
     def _initial_state(self, batch_size: int, memory_state: MemoryState | None) -> MemoryState:
         if memory_state is None:
@@ -366,12 +357,6 @@ class RMTPreTrainedModel(PreTrainedModel):
         for _, _, state in self._segments(plan, memory_state):  # noqa: B007 (the final state)
             pass
         return state
-
-    def _process_segment(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> tuple:
-        """Run one segment reading memory `state`; return (outputs, what the memory positions wrote)."""
-        call = self._backbone_call(segment, state, **backbone_kwargs)
-        outputs, written = self._run_backbone(call.module, state, call.memory_index, **call.inputs)
-        return call.finish(outputs), written
 
     def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
         """How this head runs `segment` through the backbone with memory `state`."""

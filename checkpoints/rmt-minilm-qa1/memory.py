@@ -1,6 +1,6 @@
 """Memory carried across segments, one interface for RMT and ARMT.
 
-The segment loop (`RMTPreTrainedModel._segments`) only talks to a memory module through:
+The segment step (`RMTPreTrainedModel.step`) only talks to a memory module through:
 `init_state` (a fresh state for a batch), `tokens` (the embeddings placed at the memory positions
 of a segment), `reading` (a context in which the backbone runs; ARMT's layers read their
 associative memory there and record their memory-token outputs), `collect` (what the memory
@@ -12,8 +12,8 @@ over the batch dimension of a state.
 - `AssociativeMemory` (ARMT): every backbone layer is wrapped in an `AssociativeLayer` holding a
   matrix memory (A, z). The same learned memory tokens enter every segment; each layer reads its
   memory before running and writes the memory tokens' outputs into it with the delta rule. The state
-  is `(A, z)` stacked over layers, batch first: A `[B, L, H, d_key/H, d_model/H]`, z `[B, L, H, d_key/H]`,
-  kept in float32 whatever the backbone's dtype.
+  is an `AssociativeState` (A, z) stacked over layers, batch first: A `[B, L, H, d_key/H, d_model/H]`,
+  z `[B, L, H, d_key/H]`, kept in float32 whatever the backbone's dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +30,41 @@ from torch.utils.checkpoint import checkpoint
 
 # Added to the normaliser of associative reads, as in the ARMT paper.
 READ_EPS = 1e-5
-MemoryState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AssociativeState:
+    """ARMT's memory: every layer's matrix memory `A` [B, L, H, d_key/H, d_model/H] and normaliser `z`
+    [B, L, H, d_key/H], batch first, float32. Reads like the tuple (A, z) it replaces (`A, z = state`,
+    `state[0]`), and a plain tuple (A, z) is accepted wherever a state is (`AssociativeMemory.check_state`)."""
+
+    A: torch.Tensor
+    z: torch.Tensor
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.A, self.z))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """`state[0]` is A, `state[1]` z, as in the (A, z) tuple this state replaces."""
+        return (self.A, self.z)[index]
+
+    def map(self, function: Any, *others: AssociativeState) -> AssociativeState:
+        """`function` applied to A and to z (with the same part of each of `others`)."""
+        return AssociativeState(function(self.A, *(o.A for o in others)), function(self.z, *(o.z for o in others)))
+
+    def to(self, *args: Any, **kwargs: Any) -> AssociativeState:
+        """Both parts moved or cast as `torch.Tensor.to` does (accelerate moves outputs with it)."""
+        return self.map(lambda part: part.to(*args, **kwargs))
+
+    def layer(self, number: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `number`'s (A, z)."""
+        return self.A[:, number], self.z[:, number]
+
+
+MemoryState = torch.Tensor | AssociativeState
 
 
 def _rows_where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -39,13 +73,12 @@ def _rows_where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> tor
 
 
 class _BatchFirstState:
-    """Batch-dimension operations for states that are a tensor or a tuple of tensors, batch first."""
+    """Batch-dimension operations on a memory's state (batch first), through the memory's `_map`: the
+    function itself for RMT's tensor, `AssociativeState.map` for ARMT's."""
 
     @staticmethod
-    def _map(function: Any, *states: MemoryState) -> MemoryState:
-        if isinstance(states[0], torch.Tensor):
-            return function(*states)
-        return tuple(function(*parts) for parts in zip(*states, strict=True))
+    def _map(function: Any, *states: Any) -> Any:
+        raise NotImplementedError
 
     def select(self, state: MemoryState, rows: torch.Tensor) -> MemoryState:
         """The state of the documents `rows` (indices)."""
@@ -69,12 +102,12 @@ class _BatchFirstState:
 
     @staticmethod
     def batch_size(state: MemoryState) -> int:
-        return (state if isinstance(state, torch.Tensor) else state[0]).shape[0]
+        return (state if isinstance(state, torch.Tensor) else state.A).shape[0]
 
-    def prepare_state(self, state: MemoryState, batch_size: int) -> MemoryState:
+    def prepare_state(self, state: Any, batch_size: int) -> MemoryState:
         """A user-supplied state, checked (`check_state`: shapes; finite floats) and cast to the dtype and device
         this memory keeps its state in (RMT: the memory tokens'; ARMT: float32), as every part of it is."""
-        self.check_state(state, batch_size)
+        state = self.check_state(state, batch_size)
         parts = (state,) if isinstance(state, torch.Tensor) else tuple(state)
         if not all(part.is_floating_point() for part in parts):
             dtypes = ", ".join(str(part.dtype) for part in parts)
@@ -94,6 +127,10 @@ class TokenMemory(nn.Module, _BatchFirstState):
     """RMT memory: `num_mem_tokens` vectors recurring through the backbone's last hidden states."""
 
     recurs_through_tokens = True  # decoders place the state at both the read and the write positions
+
+    @staticmethod
+    def _map(function: Any, *states: torch.Tensor) -> torch.Tensor:
+        return function(*states)
 
     def __init__(self, num_mem_tokens: int, hidden_size: int) -> None:
         super().__init__()
@@ -126,8 +163,8 @@ class TokenMemory(nn.Module, _BatchFirstState):
         """Next memory: the last layer's states at the memory positions."""
         return written
 
-    def check_state(self, state: Any, batch_size: int) -> None:
-        """Raise ValueError when a user-supplied state does not fit this memory."""
+    def check_state(self, state: Any, batch_size: int) -> torch.Tensor:
+        """`state`, or ValueError when a user-supplied state does not fit this memory."""
         expected = (batch_size, self.num_mem_tokens, self.hidden_size)
         if not isinstance(state, torch.Tensor) or tuple(state.shape) != expected:
             shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
@@ -135,6 +172,7 @@ class TokenMemory(nn.Module, _BatchFirstState):
                 f"memory_state has shape {shape}, this model expects {expected} "
                 "(batch, num_mem_tokens, hidden_size): pass a state returned by a model of the same size."
             )
+        return state
 
 
 def dpfp(x: torch.Tensor, nu: int = 3) -> torch.Tensor:
@@ -306,24 +344,25 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
             (len(layers), num_heads, 6 * d_mem // num_heads),
         )
 
-    def init_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _map(function: Any, state: AssociativeState, *others: AssociativeState) -> AssociativeState:
+        return state.map(function, *others)
+
+    def init_state(self, batch_size: int) -> AssociativeState:
         """Empty memories: A = 0, z = 0 in every layer."""
         device = self.memory_tokens.device
-        return tuple(torch.zeros((batch_size, *shape), device=device) for shape in self.state_shapes)
+        return AssociativeState(*(torch.zeros((batch_size, *shape), device=device) for shape in self.state_shapes))
 
-    def tokens(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def tokens(self, state: AssociativeState) -> torch.Tensor:
         """The learned memory tokens, the same in every segment."""
-        return self.memory_tokens.unsqueeze(0).expand(state[0].shape[0], -1, -1)
+        return self.memory_tokens.unsqueeze(0).expand(state.A.shape[0], -1, -1)
 
     @contextmanager
-    def reading(
-        self, state: tuple[torch.Tensor, torch.Tensor], memory_index: torch.Tensor | None
-    ) -> Iterator[list[torch.Tensor]]:
+    def reading(self, state: AssociativeState, memory_index: torch.Tensor | None) -> Iterator[list[torch.Tensor]]:
         """Attach each layer's memory for one backbone call; yields the list the layers record into."""
         outputs: list[torch.Tensor] = []
-        A, z = state
         for number, layer in enumerate(self.layers):
-            layer.context = LayerContext(A[:, number], z[:, number], memory_index, outputs)
+            layer.context = LayerContext(*state.layer(number), memory_index, outputs)
         try:
             yield outputs
         finally:
@@ -336,30 +375,27 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
             raise RuntimeError(f"{len(recording)} of {len(self.layers)} ARMT layers ran; the backbone skipped some.")
         return recording
 
-    def write(
-        self, state: tuple[torch.Tensor, torch.Tensor], written: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, state: AssociativeState, written: list[torch.Tensor]) -> AssociativeState:
         """Every layer's delta-rule update from its memory tokens' outputs."""
-        A, z = state
         updates = [
-            layer.write(A[:, n], z[:, n], outputs)
+            layer.write(*state.layer(n), outputs)
             for n, (layer, outputs) in enumerate(zip(self.layers, written, strict=True))
         ]
-        return torch.stack([a for a, _ in updates], dim=1), torch.stack([b for _, b in updates], dim=1)
+        A, z = zip(*updates, strict=True)
+        return AssociativeState(torch.stack(A, dim=1), torch.stack(z, dim=1))
 
-    def check_state(self, state: Any, batch_size: int) -> None:
-        """Raise ValueError when a user-supplied state does not fit this memory."""
+    def check_state(self, state: Any, batch_size: int) -> AssociativeState:
+        """`state` as an AssociativeState (a tuple (A, z) is accepted), or ValueError when a user-supplied state
+        does not fit this memory."""
         expected = tuple((batch_size, *shape) for shape in self.state_shapes)
-        given = (
-            tuple(tuple(part.shape) for part in state)
-            if isinstance(state, tuple) and all(isinstance(part, torch.Tensor) for part in state)
-            else None
-        )
+        parts = tuple(state) if isinstance(state, (AssociativeState, tuple)) else ()
+        given = tuple(tuple(part.shape) for part in parts) if all(isinstance(p, torch.Tensor) for p in parts) else None
         if given != expected:
             raise ValueError(
-                f"memory_state is {given or type(state).__name__}; this ARMT expects a tuple (A, z) of shapes "
-                f"{expected}: pass a state returned by a model of the same size."
+                f"memory_state is {given or type(state).__name__}; this ARMT expects an AssociativeState (A, z) (or a "
+                f"tuple (A, z)) of shapes {expected}: pass a state returned by a model of the same size."
             )
+        return AssociativeState(*parts)
 
 
 def build_memory(config: Any, backbone: nn.Module) -> TokenMemory | AssociativeMemory:

@@ -10,12 +10,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_rmt import CAUSAL_ENCODER_FAMILIES, RMTConfig, is_decoder_family
-from .generation import RMTGenerationMixin, decode, decoder_segment_inputs, memory_slots, prefill
+from .generation import RMTGenerationMixin, decode, prefill
 from .generation_cache import RMTGenerationCache
+from .layout import BackboneCall, decoder_segment, encoder_segment, memory_slots
 from .loading import bert_as_decoder
 from .memory import MemoryState
 from .outputs import CACHE_NAME, RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
-from .pretrained import BackboneCall, RMTPreTrainedModel, scatter_rows
+from .pretrained import RMTPreTrainedModel, scatter_rows
 from .segmenting import Segment
 
 
@@ -36,26 +37,13 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
                 )
 
     def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
-        """`[CLS] memory [SEP] tokens [SEP]` through the backbone with its head; the outputs as they are."""
-        config, ids, mask = self.config, segment.input_ids, segment.attention_mask
-        active, num_mem = ids.shape[0], config.num_mem_tokens
-        lengths = mask.sum(dim=1, keepdim=True)
-        tail = torch.cat([ids, ids.new_full((active, 1), config.pad_token_id or 0)], dim=1)
-        tail = tail.scatter(1, lengths, config.sep_token_id)
-        tail_mask = torch.cat([mask, mask.new_zeros((active, 1))], dim=1).scatter(1, lengths, 1)
-        head = ids.new_tensor([config.cls_token_id, config.sep_token_id]).expand(active, 2)
-        embedded = self.get_input_embeddings()(torch.cat([head, tail], dim=1))
-        memory_tokens = self.memory.tokens(state).to(embedded.dtype)
-        inputs_embeds = torch.cat([embedded[:, :1], memory_tokens, embedded[:, 1:]], dim=1)
-        attention_mask = torch.cat([mask.new_ones((active, num_mem + 2)), tail_mask], dim=1)
-        if segment.token_type_ids is not None:
-            tail_types = torch.cat([segment.token_type_ids, segment.token_type_ids.new_zeros((active, 1))], dim=1)
-            backbone_kwargs["token_type_ids"] = torch.cat(
-                [tail_types.new_zeros((active, num_mem + 2)), tail_types.scatter(1, lengths, 0)], dim=1
-            )
-        memory_index = torch.arange(1, 1 + num_mem, device=ids.device).expand(active, -1)
-        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **backbone_kwargs}
-        return BackboneCall(self.backbone, inputs, memory_index)
+        """`[CLS] memory [SEP] tokens [SEP]` (`layout.encoder_segment`) through the backbone with its head."""
+        config = self.config
+        inputs, memory_index = encoder_segment(
+            self.get_input_embeddings(), segment, self.memory.tokens(state),
+            config.cls_token_id, config.sep_token_id, config.pad_token_id or 0,
+        )  # fmt: skip
+        return BackboneCall(self.backbone, {**inputs, **backbone_kwargs}, memory_index)
 
 
 class RMTModel(RMTEncoderPreTrainedModel):
@@ -266,12 +254,11 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         return self.backbone.get_output_embeddings()(hidden)
 
     def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
-        """`[read memory] tokens [write memory]` through the base model; the tokens' last hidden states."""
+        """`[read memory] tokens [write memory]` (`layout.decoder_segment`) through the base model; the tokens'
+        last hidden states."""
         embedded = self.get_input_embeddings()(segment.input_ids)
-        counts = segment.attention_mask.sum(dim=1)
         read, write = memory_slots(self.memory, state)
-        inputs_embeds, attention_mask, position_ids, write_index = decoder_segment_inputs(embedded, counts, read, write)
-        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs, write_index = decoder_segment(embedded, segment.attention_mask.sum(dim=1), read, write)
         tokens = slice(read.shape[1], read.shape[1] + embedded.shape[1])
         return BackboneCall(
             self.backbone.base_model, {**inputs, "use_cache": False}, write_index,

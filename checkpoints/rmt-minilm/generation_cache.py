@@ -15,8 +15,13 @@ from typing import Any
 import torch
 from transformers import Cache, DynamicCache
 
+from .layout import BackboneCall
 from .memory import AssociativeMemory, MemoryState, TokenMemory
 from .outputs import CACHE_NAME
+
+
+def _last_hidden_state(outputs: Any) -> torch.Tensor:
+    return outputs.last_hidden_state
 
 
 class Mirrored:
@@ -123,20 +128,15 @@ class RMTGenerationCache(Cache):
     def append(
         self, model: Any, inputs_embeds: torch.Tensor, new_valid: Mirrored, positions: torch.Tensor,
         memory_index: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Any]:  # fmt: skip
-        """Run new columns through the backbone on top of the cache, reading `memory_state`; return their last
-        hidden states and, with `memory_index` (positions among the new columns), what the memory positions
-        wrote. `new_valid` says which rows attend to the new columns."""
+    ) -> tuple[torch.Tensor, MemoryState]:  # fmt: skip
+        """Run new columns through the backbone on top of the cache, reading `memory_state` (`model.step`); return
+        their last hidden states and the memory after them (written only with `memory_index`, positions among the
+        new columns). `new_valid` says which rows attend to the new columns."""
         self.valid = self.valid.map(lambda valid, new: torch.cat([valid, new], dim=1), new_valid)
-        with self.memory.reading(self.memory_state, memory_index) as recording:
-            hidden = model.backbone.base_model(
-                inputs_embeds=inputs_embeds,
-                attention_mask=self.valid.on_device.long(),
-                position_ids=positions,
-                use_cache=True,
-                **{CACHE_NAME: self.key_values},
-            ).last_hidden_state
-        return hidden, None if memory_index is None else self.memory.collect(recording, hidden, memory_index)
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": self.valid.on_device.long(),
+                  "position_ids": positions, "use_cache": True, CACHE_NAME: self.key_values}  # fmt: skip
+        call = BackboneCall(model.backbone.base_model, inputs, memory_index, _last_hidden_state)
+        return model.step(call, self.memory_state)
 
     def drop_dead_columns(self) -> None:
         """Remove KV columns no row attends to any more (finished segments, placeholders)."""
