@@ -58,6 +58,7 @@ from conversion.export_folder import (
 )
 from conversion.export_id import content_digest, new_export_id, record_export_id
 from conversion.from_backbone import long_document_tokenizer, make_like_a_new_folder
+from rmt_tools.tokens import with_generation_tokens
 
 # The flat files of `modeling_rmt/` that go to the Hub (the remote code); the one list of them.
 HUB_FILES: tuple[str, ...] = (
@@ -160,10 +161,15 @@ def _load_model(checkpoint: Path):
     return model.eval()
 
 
-def _load_tokenizer(source: Path, config) -> PreTrainedTokenizerBase:
-    """The tokenizer, checked against the model's special tokens and vocabulary."""
+def _load_tokenizer(source: Path, model) -> PreTrainedTokenizerBase:
+    """The tokenizer, checked against the model's special tokens and vocabulary; a decoder's names the tokens
+    its generation config ends and pads with (`with_generation_tokens`)."""
+    config = model.config
     try:
         tokenizer = long_document_tokenizer(AutoTokenizer.from_pretrained(source))
+        if model.can_generate():
+            generation = model.generation_config
+            with_generation_tokens(tokenizer, generation.eos_token_id, generation.pad_token_id)
     except (OSError, ValueError, KeyError) as error:
         raise ExportError(f"cannot load the tokenizer of {source}: {error}") from error
     for name in ("cls_token_id", "sep_token_id"):
@@ -237,7 +243,7 @@ def export_checkpoint(
         recover(out_dir)
         earlier = check_output(out_dir, checkpoint, overwrite, replace_edited)
         model = _load_model(checkpoint)
-        loaded_tokenizer = _load_tokenizer(tokenizer_source, model.config)
+        loaded_tokenizer = _load_tokenizer(tokenizer_source, model)
         target = DTYPES[dtype] if dtype is not None else None
         if target is not None:
             model = model.to(target)  # every floating parameter and buffer: backbone, memory, head alike

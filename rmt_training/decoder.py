@@ -16,6 +16,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from modeling_rmt import RMTConfig, RMTForCausalLM
+from rmt_tools.tokens import with_generation_tokens
 
 from .tasks import TaskSample
 
@@ -77,9 +78,11 @@ def pad_token_id(tokenizer) -> int:
 
 def end_answers_at_end_token(model: RMTForCausalLM, tokenizer) -> RMTForCausalLM:
     """Make `generate()` (and so `pipeline("text-generation")`) stop where training answers stop and pad
-    with the tokenizer's pad token: an encoder backbone's config names no end-of-sequence token."""
+    with the tokenizer's pad token: an encoder backbone's config names no end-of-sequence token. The
+    tokenizer (saved with the model) names the same tokens (`with_generation_tokens`)."""
     model.generation_config.eos_token_id = end_token_id(tokenizer)
     model.generation_config.pad_token_id = pad_token_id(tokenizer)
+    with_generation_tokens(tokenizer, end_token_id(tokenizer), pad_token_id(tokenizer))  # and the tokenizer says so
     return model
 
 

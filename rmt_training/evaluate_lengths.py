@@ -124,15 +124,24 @@ def classifier_correct(model, tokenizer, batch: list[TaskSample]) -> int:
     return int((predicted.cpu() == torch.tensor([sample.label for sample in batch])).sum())
 
 
-def decoder_correct(model, tokenizer, batch: list[TaskSample]) -> int:
-    """Greedy answers to left-padded prompts, scored by BABILong's rule over the six places."""
+def decoder_answers(model, tokenizer, batch: list[TaskSample]) -> list[str]:
+    """Greedy answers (up to ANSWER_RESERVE - 1 tokens, ending at the end token) to left-padded prompts."""
     inputs = tokenizer.pad({"input_ids": [s.input_ids for s in batch]}, padding_side="left", return_tensors="pt")
     end = end_token_id(tokenizer)
     output = model.generate(**inputs.to(model.device), max_new_tokens=ANSWER_RESERVE - 1, do_sample=False,
                             eos_token_id=end, pad_token_id=pad_token_id(tokenizer))  # fmt: skip
-    answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return sum(babilong_correct(answer, s.target, s.question, "qa1", labels=PLACES) for answer, s in zip(
-        answers, batch, strict=True))  # fmt: skip
+    return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def qa1_correct(answer: str, sample: TaskSample) -> bool:
+    """BABILong's rule over the six places."""
+    return babilong_correct(answer, sample.target, sample.question, "qa1", labels=PLACES)
+
+
+def decoder_correct(model, tokenizer, batch: list[TaskSample]) -> int:
+    """Greedy answers to left-padded prompts, scored by BABILong's rule over the six places."""
+    answers = decoder_answers(model, tokenizer, batch)
+    return sum(qa1_correct(answer, sample) for answer, sample in zip(answers, batch, strict=True))
 
 
 @torch.no_grad()

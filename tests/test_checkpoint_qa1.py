@@ -4,6 +4,7 @@ ARMT twin) answer qa1 (their folders are checked with the others in `test_checkp
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,17 @@ def test_its_tokenizer_leaves_prompts_as_trained(name):
     ids = tokenizer("Mary went to the kitchen. Where is Mary?")["input_ids"]
     assert ids == tokenizer("Mary went to the kitchen. Where is Mary?", add_special_tokens=False)["input_ids"]
     assert tokenizer.sep_token_id not in ids and tokenizer.cls_token_id not in ids
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_its_tokenizer_names_the_tokens_generation_ends_and_pads_with(name):
+    """Harnesses stop at `tokenizer.eos_token_id` (lm-evaluation-harness cannot generate without one)."""
+    tokenizer = AutoTokenizer.from_pretrained(CHECKPOINTS / name)
+    generation = json.loads((CHECKPOINTS / name / "generation_config.json").read_text())
+    ends = generation["eos_token_id"] if isinstance(generation["eos_token_id"], list) else [generation["eos_token_id"]]
+    assert tokenizer.eos_token_id == ends[0] == tokenizer.sep_token_id  # answers end at [SEP]
+    assert tokenizer.pad_token_id == generation["pad_token_id"]
+    assert tokenizer.model_max_length >= 2**24  # whole documents: never truncated by the tokenizer
 
 
 @pytest.mark.parametrize("segments, least_correct", [(1, 18), (5, 17)])
@@ -96,3 +108,24 @@ def test_the_armt_twin_answers_from_its_layer_memories():
             layer.W_mv.weight.zero_()
         without_memory = decoder_correct(model, tokenizer, samples)
     assert with_memory >= 17 and without_memory <= with_memory - 6, (with_memory, without_memory)
+
+
+def test_export_names_the_end_token_in_a_tokenizer_without_one_and_refuses_a_different_one(tmp_path):
+    from conversion.export import ExportError, export_checkpoint
+
+    source = tmp_path / "final"
+    shutil.copytree(CHECKPOINTS / "rmt-minilm-qa1", source)
+    (source / ".rmt-export.json").unlink()
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("eos_token", None)  # as training saved it before: an encoder's tokenizer names none
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert AutoTokenizer.from_pretrained(source).eos_token_id is None
+    export_checkpoint(source, tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").eos_token == "[SEP]"
+    generation = json.loads((source / "generation_config.json").read_text())
+    (source / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": 5}))
+    tokenizer_config["eos_token"] = "[SEP]"
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(ExportError, match="eos token is id 102 but the model's generation config uses 5"):
+        export_checkpoint(source, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

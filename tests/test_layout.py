@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAY_IMPORT = {
     "modeling_rmt": set(),
     "rmt_tools": set(),
-    "conversion": {"modeling_rmt"},
+    "conversion": {"modeling_rmt", "rmt_tools"},
     "rmt_training": {"modeling_rmt", "rmt_tools", "conversion"},
     "rmt_demo": {"modeling_rmt", "rmt_tools", "rmt_training"},
     "model_cards": {"modeling_rmt", "rmt_tools", "conversion", "rmt_training"},
