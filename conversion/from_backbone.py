@@ -24,11 +24,9 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification, RMTModel
+from modeling_rmt.configuration_rmt import LONG_DOCUMENT_TOKENS  # the saved tokenizers' model_max_length
 
 HEADS = {"sequence-classification": RMTForSequenceClassification, "causal-lm": RMTForCausalLM, "base": RMTModel}
-
-# Longest document the saved tokenizer accepts without warning; RMT itself has no length limit.
-LONG_DOCUMENT_TOKENS = 2**24
 
 
 def count(minimum: int) -> Callable[[str], int]:

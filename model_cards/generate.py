@@ -32,9 +32,19 @@ REQUIRED: dict[str, dict[str, Any]] = {
                  "command": str},
     "evaluation": {"task": str, "noise": str, "num_tokens": int, "segments": int, "samples": int, "accuracy": NUMBER},
     "training.curriculum_history": {"step": int, "segments": int, "best": NUMBER, "reason": str},
+    "harness": {"tool": str, "num_tokens": int, "samples": int, "dtype": str, "lm_eval_accuracy": NUMBER,
+                "our_accuracy": NUMBER, "same_answers": int, "command": str},
 }  # fmt: skip
 OPTIONAL: dict[str, dict[str, Any]] = {
-    "": {"base_model": str, "datasets": list, "plot": str, "notes": str, "example": bool, "inference": dict},
+    "": {
+        "base_model": str,
+        "datasets": list,
+        "plot": str,
+        "notes": str,
+        "example": bool,
+        "inference": dict,
+        "harness": dict,
+    },
     "config": {"backbone": str},  # what it was built on when there is no base model (trained from scratch)
     "training": {
         "noise": str,
@@ -137,6 +147,8 @@ def validate(results: dict[str, Any]) -> dict[str, Any]:
         raise ResultsError("field 'limitations' must be a non-empty list of strings")
     if "inference" in results and (problem := inference_problem(results["inference"])):
         raise ResultsError(problem)
+    if "harness" in results:
+        _check_fields(results["harness"], "harness", "harness")
     return results
 
 
@@ -216,6 +228,30 @@ def accuracy_table(results: dict[str, Any]) -> str:
         row = [_cell(cells[tokens, t]) if (tokens, t) in cells else "-" for t in tasks]
         lines.append(f"| {tokens:,} | {'/'.join(map(str, segments))} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def harness_section(results: dict[str, Any]) -> list[str]:
+    """The card's lm-evaluation-harness figure beside our own on the same documents (none without a block)."""
+    block = results.get("harness")
+    if block is None:
+        return []
+    samples, tokens, dtype = block["samples"], block["num_tokens"], block["dtype"]
+    lm_eval = (f"lm_eval run --model hf --include_path runs/harness/tasks --tasks rmt_qa1_{tokens},"
+               f"rmt_qa1_{tokens}_choice --device cpu --batch_size 8 \\\n    --model_args pretrained="
+               f"{results['repo_id']},trust_remote_code=True,dtype={dtype},max_length=16777216")  # fmt: skip
+    return [
+        "", "### Through lm-evaluation-harness", "",
+        f"{block['tool']} (`--model hf`, remote code, {dtype}) on the same {samples} held-out documents of "
+        f"{tokens:,} tokens, scored by the same BABILong rule: **{block['lm_eval_accuracy']:.1%}**, against "
+        f"{block['our_accuracy']:.1%} from this library's own `generate()`; the two gave the same answer on "
+        f"{block['same_answers']} of {samples} documents. `python -m rmt_training.harness CHECKPOINT runs/harness "
+        f"--segments {tokens // results['config']['segment_size']} --samples {samples} --tasks-only` (in the "
+        "modeling_rmt repository) writes those documents as lm-eval tasks; then pass `max_length=` in "
+        "`--model_args`, or lm-eval takes the backbone's position limit and cuts each document to its last "
+        "positions:", "",
+        "```bash", lm_eval, "```", "",
+        f"Measured with `{block['command']}`, which runs both and compares them document by document.",
+    ]  # fmt: skip
 
 
 def _usage(results: dict[str, Any]) -> str:
@@ -348,6 +384,7 @@ def render_card(results: dict[str, Any]) -> str:
     ]
     if "plot" in results:
         parts += ["", f"![Accuracy by document length]({results['plot']})"]
+    parts += harness_section(results)
     parts += ["", "## Training", "", _training(results), "", "## Limitations", ""]
     parts += [f"- {item}" for item in results["limitations"]]
     if results.get("notes"):

@@ -26,6 +26,9 @@ DIAGONAL_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "r
                      "electra", "distilbert")  # fmt: skip
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
+# The input length RMT models advertise to clients that ask for one (`config.max_position_embeddings`, the saved
+# tokenizers' `model_max_length`): the segments make inputs unbounded, and this bound is far beyond any document.
+LONG_DOCUMENT_TOKENS = 2**24
 AUTO_MAP = {
     "AutoConfig": "configuration_rmt.RMTConfig",
     "AutoModel": "modeling_rmt.RMTModel",
@@ -168,6 +171,12 @@ class RMTConfig(PreTrainedConfig):
         if labels_given:  # labels given here are pushed down to the backbone's head
             self.sync_labels_to_backbone()
         self.validate_rmt()
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The input length this model advertises, LONG_DOCUMENT_TOKENS (read by clients such as `generate()`'s
+        default length): segments make inputs unbounded. The backbone's own limit is `text_config`'s. Not saved."""
+        return LONG_DOCUMENT_TOKENS
 
     @classmethod
     def setting_names(cls) -> tuple[str, ...]:

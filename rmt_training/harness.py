@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from conversion.from_backbone import LONG_DOCUMENT_TOKENS
+from modeling_rmt.configuration_rmt import LONG_DOCUMENT_TOKENS
 
 from .decoder import ANSWER_RESERVE
 from .evaluate_lengths import decoder_answers, load_model, qa1_correct
@@ -135,6 +135,20 @@ def agreement(checkpoint: str, folder: Path, num_tokens: int, samples: int, dtyp
     }  # fmt: skip
 
 
+def record_on_card(card_results: Path, result: dict, command: str) -> None:
+    """Write the agreement's figures, and the command that measured them, as the `harness` block of a model
+    card's results JSON."""
+    from importlib.metadata import version
+
+    results = json.loads(card_results.read_text())
+    keys = ("num_tokens", "samples", "dtype", "lm_eval_accuracy", "our_accuracy", "same_answers")
+    results["harness"] = {"tool": f"lm-evaluation-harness {version('lm_eval')}", **{k: result[k] for k in keys},
+                          "command": command}  # fmt: skip
+    temporary = card_results.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=2) + "\n")
+    temporary.replace(card_results)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
@@ -145,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tasks-only", action="store_true", help="write the lm-eval tasks and stop")
+    parser.add_argument("--card-results", type=Path, default=None, help="also record the figures in this model "
+                        "card results JSON (its `harness` block, for model_cards.generate)")  # fmt: skip
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     segment_size = json.loads((Path(args.checkpoint) / "config.json").read_text())["segment_size"]
@@ -158,6 +174,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     result = agreement(args.checkpoint, args.out, num_tokens, args.samples, args.dtype, args.batch_size, args.device)
     (args.out / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.card_results is not None:
+        command = (f"python -m rmt_training.harness {args.checkpoint} {args.out} --segments {args.segments} "
+                   f"--samples {args.samples} --dtype {args.dtype} --batch-size {args.batch_size}")  # fmt: skip
+        record_on_card(args.card_results, result, command)
     print(f"{num_tokens:,} tokens, {args.samples} documents: lm-eval {result['lm_eval_accuracy']:.3f}, ours "
           f"{result['our_accuracy']:.3f}, same answer on {result['same_answers']}/{args.samples}")  # fmt: skip
     return result

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import tiny_backbone_config, tiny_rmt_config
 from transformers import AutoConfig, BartConfig
 
 from modeling_rmt import RMTConfig
+from modeling_rmt.configuration_rmt import LONG_DOCUMENT_TOKENS
 
 
 def test_default_config_wraps_bert_base_and_fits_its_positions():
@@ -97,3 +100,15 @@ def test_the_callers_backbone_config_is_left_as_it_was_and_its_attention_choice_
     chosen = RMTConfig(text_config=backbone_config, num_mem_tokens=2, segment_size=8, attn_implementation="sdpa")
     assert chosen.text_config._attn_implementation == "sdpa"  # the RMT config's own choice wins
     assert backbone_config._attn_implementation == "eager"
+
+
+def test_the_config_advertises_unbounded_input_and_keeps_the_backbones_limit(tmp_path):
+    """Clients that ask a model for its length limit (`generate()`'s default max_length, harnesses reading the
+    top-level config) get the long-document bound; the backbone is built from its own limit, which is saved."""
+    config = RMTConfig(text_config=AutoConfig.for_model("bert", max_position_embeddings=128), segment_size=100)
+    assert config.max_position_embeddings == LONG_DOCUMENT_TOKENS == 2**24
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "max_position_embeddings" not in saved and saved["text_config"]["max_position_embeddings"] == 128
+    loaded = RMTConfig.from_pretrained(tmp_path)
+    assert loaded.max_position_embeddings == LONG_DOCUMENT_TOKENS and loaded.text_config.max_position_embeddings == 128

@@ -183,3 +183,22 @@ def test_a_wrong_inference_block_is_named():
         validate(measured)
     del measured["inference"]
     assert "## Input, precision" not in render_card(measured)  # the section is optional
+
+
+@pytest.mark.parametrize("name", ["rmt-minilm-qa1", "armt-minilm-qa1"])
+def test_a_decoder_card_quotes_lm_eval_beside_our_own_figure_on_the_same_documents(name):
+    measured = load_results(CARDS / f"{name}.json")
+    block = measured["harness"]
+    documents = json.loads((CARDS / "harness" / f"{name}.json").read_text())["documents"]
+    assert len(documents) == block["samples"] and sum(d["same_answer"] for d in documents) == block["same_answers"]
+    assert sum(d["lm_eval_correct"] for d in documents) / len(documents) == block["lm_eval_accuracy"]
+    cell = next(e for e in measured["evaluation"] if e["num_tokens"] == block["num_tokens"])
+    assert (cell["samples"], cell.get("dtype")) == (block["samples"], block["dtype"])  # the card's own cell
+    assert block["our_accuracy"] == cell["accuracy"]  # evaluate_lengths' figure, reproduced document for document
+    section = render_card(measured).split("### Through lm-evaluation-harness", 1)[1].split("## Training", 1)[0]
+    assert f"**{block['lm_eval_accuracy']:.1%}**" in section and "max_length=16777216" in section
+    del measured["harness"]["same_answers"]
+    with pytest.raises(ResultsError, match=re.escape("missing field 'harness.same_answers'")):
+        validate(measured)
+    del measured["harness"]
+    assert "lm-evaluation-harness" not in render_card(measured)  # the section is optional

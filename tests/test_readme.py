@@ -105,10 +105,10 @@ def commands(body: str) -> list[list[str]]:
 
 
 @cache
-def help_text(module: str) -> str:
-    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
-    assert done.returncode == 0, f"`python -m {module} --help` failed:\n{done.stderr[-2000:]}"
+def help_text(module: str, *command: str) -> str:
+    done = subprocess.run([sys.executable, "-m", module, *command, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)  # fmt: skip
+    assert done.returncode == 0, f"`python -m {module} {' '.join(command)} --help` failed:\n{done.stderr[-2000:]}"
     return done.stdout
 
 
@@ -125,6 +125,8 @@ def check_command(words: list[str]) -> None:
                 spec = next(r.specifier for r in required if r.name == pinned.name)
                 assert all(spec.contains(s.version) for s in pinned.specifier), f"{word} against {spec}"
         return
+    if words[0] == "lm_eval":  # lm-evaluation-harness's command line (the eval extra): `lm_eval run ...`
+        words = ["python", "-m", "lm_eval", *words[1:]]
     assert words[0] == "python" and words[1] == "-m", f"a command the test does not know: {shlex.join(words)}"
     module, arguments = words[2], words[3:]
     if module == "pytest":
@@ -132,7 +134,11 @@ def check_command(words: list[str]) -> None:
         for flag, value in zip(arguments, arguments[1:], strict=False):
             assert flag != "-m" or value in markers, f"no pytest marker {value!r}"
         return
-    text = help_text(module)
+    if module == "lm_eval":
+        assert arguments[0] == "run", f"an lm_eval command the test does not know: {shlex.join(words)}"
+        text, arguments = help_text(module, "run"), arguments[1:]
+    else:
+        text = help_text(module)
     for flag in (word.split("=")[0] for word in arguments if word.startswith("--")):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), f"`python -m {module}` has no {flag}"
 
