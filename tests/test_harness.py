@@ -109,6 +109,38 @@ def test_lm_eval_run_in_a_fresh_process_loads_the_checkpoint_as_remote_code(task
     assert [answers[i] for i in range(len(documents))] == decoder_answers(model, tokenizer, documents)
 
 
+BABILONG_SCRIPT_STYLE = """
+import json, sys
+import torch
+sys.modules["modeling_rmt"] = None  # the model can only come from the checkpoint's own code
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path, prompts = sys.argv[1], json.loads(sys.argv[2])
+try:  # as run_model_on_babilong.py loads a model: flash attention first, device_map="auto"
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, device_map="auto",
+                                                 attn_implementation="flash_attention_2", dtype=torch.float32)
+except (ImportError, ValueError):
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, device_map="auto", dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+answers = []
+for prompt in prompts:
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, max_new_tokens=20, num_beams=1, do_sample=False, temperature=None, top_p=None,
+                            top_k=None, pad_token_id=tokenizer.pad_token_id)
+    answers.append(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+print(json.dumps(answers))
+"""
+
+
+def test_babilong_scripts_way_of_loading_and_generating_gives_our_answers(documents, tokenizer, model):
+    prompts = [prompt_text(document) for document in documents[:2]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run([sys.executable, "-c", BABILONG_SCRIPT_STYLE, str(CHECKPOINT), json.dumps(prompts)],
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    answers = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert answers == decoder_answers(model, tokenizer, documents[:2])  # both stop at the end token, [SEP]
+
+
 def test_without_max_length_lm_eval_takes_the_backbones_window_and_cuts_documents(tasks, caplog):
     """What the README's `max_length=` is for: lm-eval 0.4.13 reads the nested text_config's 512 positions."""
     caplog.set_level(logging.WARNING, logger="lm_eval")

@@ -15,6 +15,7 @@ of the cache columns it keeps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,6 +89,13 @@ def _decode_one(model: Any, cache: RMTGenerationCache, token: torch.Tensor) -> t
     return model.lm_head_logits(hidden[:, -1:])
 
 
+@dataclass(frozen=True)
+class PromptMemory:
+    """The memory passed to `generate()` on its way to the decoding state (None: the learned memory)."""
+
+    state: Any
+
+
 # Settings that make transformers draft tokens and roll back the ones it rejects (assisted decoding).
 ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 
@@ -119,11 +127,11 @@ class RMTGenerationMixin(GenerationMixin):
         for name in ("cache", "past_key_values"):  # both names: transformers renames the deprecated one later
             if kwargs.get(name) is not None:
                 raise ValueError(_own_cache_message(f"got {name}={type(kwargs[name]).__name__}"))
-        # The decoding state starts here, empty, holding the memory to continue from (None: the learned memory).
-        # transformers keeps a cache given this way; `_prepare_cache_for_generation` expands it for beams.
+        # The memory to continue from travels wrapped (transformers repeats the tensors among the inputs for beams,
+        # which would repeat an RMT state but not an ARMT one) to `_prepare_cache_for_generation`, which makes the
+        # decoding state from it and repeats that.
         prompts = inputs if inputs is not None else kwargs.get("input_ids")
-        memory_state = self._prompt_memory(prompts, kwargs.pop("memory_state", None))
-        kwargs[CACHE_NAME] = RMTGenerationCache(self.memory, memory_state)
+        kwargs["memory_state"] = PromptMemory(self._prompt_memory(prompts, kwargs.pop("memory_state", None)))
         return super().generate(inputs, generation_config, **kwargs)
 
     def _prompt_memory(self, prompts: Any, memory_state: Any) -> Any:
@@ -138,15 +146,16 @@ class RMTGenerationMixin(GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config: Any, model_kwargs: dict, generation_mode: Any, batch_size: int, max_cache_length: int
     ) -> None:
-        """Keep the RMTGenerationCache `generate` made (instead of transformers' DynamicCache), repeating its rows
-        as transformers has repeated the prompts (beams, `num_return_sequences`); refuse the settings that ask
-        for another cache or none."""
+        """The decoding state, an RMTGenerationCache (instead of transformers' DynamicCache) empty but for the memory
+        passed to `generate()`, its rows repeated as transformers has repeated the prompts (beams,
+        `num_return_sequences`); refuse the settings that ask for another cache or none."""
         if generation_config.cache_implementation is not None:
             raise ValueError(_own_cache_message(f"got cache_implementation={generation_config.cache_implementation!r}"))
         if generation_config.use_cache is False:
             raise ValueError("RMTForCausalLM.generate needs use_cache=True: decoding continues the cached segment.")
-        cache = model_kwargs[CACHE_NAME]
+        cache = RMTGenerationCache(self.memory, model_kwargs.pop("memory_state").state)
         cache.batch_repeat_interleave(max(generation_config.num_beams, generation_config.num_return_sequences))
+        model_kwargs[CACHE_NAME] = cache
 
     def _prefill(self, input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         if getattr(generation_config, "prefill_chunk_size", None) is not None:
