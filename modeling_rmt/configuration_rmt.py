@@ -21,9 +21,15 @@ POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
 # transformers' BERT2BERT): a pretrained encoder can then back an RMTForCausalLM.
 CAUSAL_ENCODER_FAMILIES = ("bert",)
 MEMORY_TYPES = ("rmt", "armt")
-# Backbone families whose layers diagonal batching has been checked on against the sequential loop.
-DIAGONAL_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "roberta", "xlm-roberta", "camembert",
-                     "electra", "distilbert")  # fmt: skip
+# Backbone families whose layers diagonal batching has been checked on against the sequential loop
+# (tests/test_families.py). It groups every layer into one copy of the first, so it needs layers alike in
+# structure and call: it cannot group mixture-of-experts routers (mixtral, qwen3_moe), layers that take extra
+# per-layer inputs (deberta-v2's relative positions, mpnet, megatron-bert, roformer) or ModernBERT's first
+# layer, which differs from the others.
+DIAGONAL_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2",
+                     "granite", "smollm3", "starcoder2", "falcon", "gptj", "gpt2", "gpt_neox", "opt", "stablelm",
+                     "cohere", "bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert",
+                     "ernie")  # fmt: skip
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
 # The input length RMT models advertise to clients that ask for one (`config.max_position_embeddings`, the saved
