@@ -7,23 +7,29 @@ import dataclasses
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, BertConfig, PreTrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 from .layout import overhead
 
-# Encoder families whose `*ForSequenceClassification` heads read the first ([CLS]) position and whose
-# embeddings accept `inputs_embeds`.
-ENCODER_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta", "camembert")
 # RoBERTa-style models number positions from `pad_token_id + 1`.
 POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
-# Decoder families with a `*ForCausalLM` head whose base model takes `inputs_embeds` and `position_ids`.
-DECODER_FAMILIES = ("gpt2", "llama", "gpt_neox", "qwen2", "mistral")
 # Encoder families that run as decoders with `is_decoder=True` (causal attention and a KV cache, as in
 # transformers' BERT2BERT): a pretrained encoder can then back an RMTForCausalLM.
 CAUSAL_ENCODER_FAMILIES = ("bert",)
 MEMORY_TYPES = ("rmt", "armt")
-# Backbone families whose layers diagonal batching has been checked on against the sequential loop.
-DIAGONAL_FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "roberta", "xlm-roberta", "camembert",
-                     "electra", "distilbert")  # fmt: skip
+# Backbone families whose layers diagonal batching has been checked on against the sequential loop
+# (tests/test_families.py). It groups every layer into one copy of the first, so it needs layers alike in
+# structure and call: it cannot group mixture-of-experts routers (mixtral, qwen3_moe), layers that take extra
+# per-layer inputs (deberta-v2's relative positions, mpnet, megatron-bert, roformer) or ModernBERT's first
+# layer, which differs from the others.
+DIAGONAL_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2",
+                     "granite", "smollm3", "starcoder2", "falcon", "gptj", "gpt2", "gpt_neox", "opt", "stablelm",
+                     "cohere", "bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert",
+                     "ernie")  # fmt: skip
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
 # The input length RMT models advertise to clients that ask for one (`config.max_position_embeddings`, the saved
@@ -63,9 +69,40 @@ def one_edit_apart(a: str, b: str) -> bool:
 
 
 def is_decoder_family(text_config: PreTrainedConfig) -> bool:
-    if text_config.model_type in CAUSAL_ENCODER_FAMILIES:
-        return bool(getattr(text_config, "is_decoder", False))
-    return text_config.model_type in DECODER_FAMILIES
+    """Whether the backbone runs as a decoder, told from transformers' own model tables: a family with a causal
+    LM head and no masked-LM one (Llama, GPT-2, ...), or an encoder family with a causal LM head configured with
+    `is_decoder=True` (BERT as in BERT2BERT)."""
+    family = text_config.model_type
+    if family in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and bool(getattr(text_config, "is_decoder", False))
+    return family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def backbone_problem(text_config: PreTrainedConfig) -> str | None:
+    """Why RMT cannot wrap this backbone, told from its structure; None when it can."""
+    family = text_config.model_type
+    if getattr(text_config, "is_encoder_decoder", False):
+        return (f"{family!r} is an encoder-decoder model; RMT carries memory through one stack of layers that reads "
+                "its own output as input. Wrap a decoder-only or encoder-only model instead.")  # fmt: skip
+    if (
+        family not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and family not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    ):
+        return (f"{family!r} has neither a causal LM nor a sequence classification model in transformers (a vision, "
+                "audio or embedding-only backbone?); RMT needs a text model that reads token embeddings.")  # fmt: skip
+    return None
+
+
+def attention_window(text_config: PreTrainedConfig) -> int | None:
+    """The sliding window of a decoder whose layers (all, or those `layer_types` names) attend locally; None when
+    every layer attends to the whole input (qwen2-style configs keep a `sliding_window` value but no such layer)."""
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    if getattr(text_config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def backbone_position_limit(text_config: PreTrainedConfig) -> int:
@@ -262,23 +299,13 @@ class RMTConfig(PreTrainedConfig):
         """Check every RMT setting against the backbone; raise ValueError naming the fix."""
         self._check_setting_types()
         family = self.text_config.model_type
-        if family not in ENCODER_FAMILIES and family not in DECODER_FAMILIES:
-            raise ValueError(
-                f"Backbone family {family!r} is not supported by RMT yet. Supported encoder families: "
-                f"{', '.join(sorted(ENCODER_FAMILIES))}; decoder families: {', '.join(sorted(DECODER_FAMILIES))}."
-            )
+        if (problem := backbone_problem(self.text_config)) is not None:
+            raise ValueError(problem)
         embedding_size = getattr(self.text_config, "embedding_size", None) or self.text_config.hidden_size
         if embedding_size != self.text_config.hidden_size:
             raise ValueError(
                 f"The {family} backbone embeds tokens in {embedding_size} dimensions but its layers output "
                 f"{self.text_config.hidden_size}; memory fed back as input needs embedding_size == hidden_size."
-            )
-        window = getattr(self.text_config, "sliding_window", None) if is_decoder_family(self.text_config) else None
-        if window is not None:
-            raise ValueError(
-                f"The {family} backbone uses sliding-window attention (sliding_window={window}), which RMT does "
-                "not support yet. Set text_config.sliding_window=None: exact whenever a segment "
-                f"({self.segment_size} + 2 x {self.num_mem_tokens} memory tokens) fits the window."
             )
         if self.memory_type not in MEMORY_TYPES:
             raise ValueError(f"Unknown memory_type {self.memory_type!r}; choose one of {MEMORY_TYPES}.")
@@ -308,6 +335,15 @@ class RMTConfig(PreTrainedConfig):
                 f"A segment needs {needed} positions (segment_size {self.segment_size} + {overhead} for memory "
                 f"and special tokens) but the {family} backbone addresses at most {limit}. Use segment_size <= "
                 f"{limit - overhead}."
+            )
+        window = attention_window(self.text_config) if is_decoder_family(self.text_config) else None
+        if window is not None and self.segment_input_length > window:
+            raise ValueError(
+                f"The {family} backbone attends within a sliding window of {window} positions, and a segment takes "
+                f"{self.segment_input_length} ({self.segment_size} tokens + "
+                f"{self.segment_input_length - self.segment_size} for memory): lower segment_size to at most "
+                f"{window - (self.segment_input_length - self.segment_size)}, where sliding-window attention within a "
+                "segment is exactly full attention."
             )
         vocab = self.text_config.vocab_size
         for name in ("cls_token_id", "sep_token_id", "pad_token_id"):

@@ -169,6 +169,19 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
         return ignored.to(self.device)
 
 
+def finish_logits(logits: torch.Tensor, text_config: Any) -> torch.Tensor:
+    """What some causal LM heads do to the output projection's logits in their forward, told by the config
+    fields that ask for it: Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma 2
+    and 3 soft-cap at `final_logit_softcapping`."""
+    if (scale := getattr(text_config, "logit_scale", None)) is not None:
+        logits = logits * scale
+    if (divisor := getattr(text_config, "logits_scaling", None)) is not None:
+        logits = logits / divisor
+    if (cap := getattr(text_config, "final_logit_softcapping", None)) is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def _check_token_labels(labels: torch.Tensor, vocab_size: int) -> None:
     """Causal LM labels are token ids of the output vocabulary, or -100 where no loss is wanted."""
     if labels.is_floating_point() or labels.dtype == torch.bool:
@@ -251,7 +264,8 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         self.backbone.set_output_embeddings(value)
 
     def lm_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.backbone.get_output_embeddings()(hidden)
+        """The backbone head's logits for last hidden states, as its own forward finishes them."""
+        return finish_logits(self.backbone.get_output_embeddings()(hidden), self.config.text_config)
 
     def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
         """`[read memory] tokens [write memory]` (`layout.decoder_segment`) through the base model; the tokens'

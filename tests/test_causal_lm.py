@@ -259,8 +259,8 @@ def test_clear_errors_for_bad_input():
             model.generate(**inputs, max_new_tokens=3, pad_token_id=0, assistant_model=model)
         with pytest.raises(ValueError, match=r"Drop prompt_lookup_num_tokens \(from the generation config too\)"):
             model.generate(**inputs, generation_config=GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3))
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        RMTConfig(text_config=AutoConfig.for_model("mistral", **{**DECODERS["mistral"], "sliding_window": 4096}),
+    with pytest.raises(ValueError, match="sliding window of 8 positions, and a segment takes 12"):
+        RMTConfig(text_config=AutoConfig.for_model("mistral", **{**DECODERS["mistral"], "sliding_window": 8}),
                   num_mem_tokens=2, segment_size=8)  # fmt: skip
     with pytest.raises(ValueError, match="needs a decoder backbone"):
         RMTForCausalLM(RMTConfig(text_config=AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=1,

@@ -75,7 +75,7 @@ def test_electra_with_narrower_embeddings_is_rejected():
 
 
 def test_unsupported_backbone_family_is_rejected():
-    with pytest.raises(ValueError, match="Backbone family 'bart' is not supported"):
+    with pytest.raises(ValueError, match="'bart' is an encoder-decoder model"):
         RMTConfig(text_config=BartConfig(encoder_layers=1, decoder_layers=1), cls_token_id=1, sep_token_id=2)
 
 

@@ -537,7 +537,8 @@ def test_a_decoder_on_an_encoder_backbone_saves_generation_that_stops_at_the_ans
     assert BertConfig.from_pretrained(tiny_backbone).eos_token_id is None  # nothing to inherit from the backbone
     generation = GenerationConfig.from_pretrained(final)
     ends = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    assert (ends, generation.pad_token_id) == ([102], 0)  # [SEP] ends every training answer (a list on 5.17)
+    # [SEP] ends every training answer (5.17 saves a list, naming it twice once the tokenizer names it too)
+    assert (set(ends), generation.pad_token_id) == ({102}, 0)
 
 
 def test_a_prompt_tokenizer_adds_no_special_tokens_and_keeps_that_when_saved(tmp_path):

@@ -322,7 +322,10 @@ def backbone_layers(backbone: nn.Module) -> nn.ModuleList:
     for module in backbone.modules():
         if isinstance(module, nn.ModuleList) and len(module) == num_layers:
             return module
-    raise ValueError(f"Could not find the {num_layers} layers of the {backbone.config.model_type} backbone.")
+    raise ValueError(
+        f"The {backbone.config.model_type} backbone has no list of its {num_layers} layers (it may share one layer "
+        "across depth, as ALBERT does), so ARMT cannot give each layer a memory of its own: use memory_type='rmt'."
+    )
 
 
 class AssociativeMemory(nn.Module, _BatchFirstState):

@@ -132,11 +132,10 @@ class RMTPreTrainedModel(PreTrainedModel):
             config.id2label, config.label2id = dict(backbone.config.id2label), dict(backbone.config.label2id)
         config.sync_labels_to_backbone()
         config.validate_rmt()
+        requested = config._attn_implementation  # before PreTrainedModel sets its own default
         super().__init__(config)
-        if backbone is None:
-            backbone = self._backbone_auto_class.from_config(
-                config.text_config, attn_implementation=config._attn_implementation
-            )
+        if backbone is None:  # the backbone's class picks its default (sdpa, or eager where it has no sdpa)
+            backbone = self._backbone_auto_class.from_config(config.text_config, attn_implementation=requested)
         # One config object for wrapper and backbone, with an explicit attention implementation: a
         # backbone left at None loses padding invariance on some versions.
         config.text_config._attn_implementation = backbone.config._attn_implementation or "sdpa"
