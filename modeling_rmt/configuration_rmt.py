@@ -24,10 +24,10 @@ MEMORY_TYPES = ("rmt", "armt")
 # Backbone families whose layers diagonal batching has been checked on against the sequential loop
 # (tests/test_families.py). It groups every layer into one copy of the first, so it needs layers alike in
 # structure and call: it cannot group mixture-of-experts routers (mixtral, qwen3_moe), layers that take extra
-# per-layer inputs (deberta-v2's relative positions, mpnet, megatron-bert, roformer) or ModernBERT's first
-# layer, which differs from the others.
+# per-layer inputs (deberta-v2's relative positions, mpnet, megatron-bert, roformer), ModernBERT's first
+# layer, which differs from the others, or GPT-J's attention, which holds buffers of its own in transformers 5.17.
 DIAGONAL_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2",
-                     "granite", "smollm3", "starcoder2", "falcon", "gptj", "gpt2", "gpt_neox", "opt", "stablelm",
+                     "granite", "smollm3", "starcoder2", "falcon", "gpt2", "gpt_neox", "opt", "stablelm",
                      "cohere", "bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert",
                      "ernie")  # fmt: skip
 SEGMENT_ALIGNMENTS = ("right", "left")

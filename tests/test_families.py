@@ -245,7 +245,7 @@ def test_diagonal_batching_equals_the_sequential_loop(family):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deberta-v2", "mpnet", "megatron-bert", "roformer",
-                                    "modernbert"])  # fmt: skip
+                                    "modernbert", "gptj"])  # fmt: skip
 def test_diagonal_batching_on_a_family_it_cannot_group_is_refused_by_name(family):
     model, _ = armt_inputs(family)
     with pytest.raises(ValueError, match=rf"diagonal_batching does not support the '{family}' backbone"):
