@@ -144,16 +144,21 @@ def decoder_correct(model, tokenizer, batch: list[TaskSample]) -> int:
     return sum(qa1_correct(answer, sample) for answer, sample in zip(answers, batch, strict=True))
 
 
+def cell_samples(task: str, noise, tokenizer, num_tokens: int, seed: int, indices: range, decoder: bool) -> list:
+    """The documents of a (task, length) cell: a decoder's leave room for the answer in `num_tokens`."""
+    prompt_tokens = num_tokens - ANSWER_RESERVE if decoder else num_tokens
+    return [make_sample(task, noise, tokenizer, prompt_tokens, seed, i) for i in indices]
+
+
 @torch.no_grad()
 def evaluate_cell(model, tokenizer, noise, task: str, num_tokens: int, samples: int, batch_size: int, seed: int):
     """Accuracy of `model` on `samples` documents that fill `num_tokens` tokens; returns (correct, seconds)."""
     correct, start = 0, time.perf_counter()
-    prompt_tokens = num_tokens - ANSWER_RESERVE if is_decoder(model) else num_tokens
     score = decoder_correct if is_decoder(model) else classifier_correct
     progress = tqdm(total=samples, desc=f"{task} {num_tokens:,} tokens", leave=False)
     for first in range(0, samples, batch_size):
         indices = range(first, min(samples, first + batch_size))
-        batch = [make_sample(task, noise, tokenizer, prompt_tokens, seed, i) for i in indices]
+        batch = cell_samples(task, noise, tokenizer, num_tokens, seed, indices, is_decoder(model))
         correct += score(model, tokenizer, batch)
         progress.update(len(batch))
     progress.close()

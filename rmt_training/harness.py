@@ -29,8 +29,8 @@ from transformers import AutoTokenizer
 from modeling_rmt.configuration_rmt import LONG_DOCUMENT_TOKENS
 
 from .decoder import ANSWER_RESERVE
-from .evaluate_lengths import decoder_answers, load_model, qa1_correct
-from .tasks import HELD_OUT_SEED, PLACES, TaskSample, TokenizedNoise, make_sample
+from .evaluate_lengths import cell_samples, decoder_answers, load_model, qa1_correct, save_results
+from .tasks import HELD_OUT_SEED, PLACES, TaskSample, TokenizedNoise
 
 SCORER = '''"""BABILong's rule on lm-eval's answers (written by rmt_training.harness)."""
 
@@ -45,8 +45,7 @@ def process_results(doc, results):
 
 def qa1_samples(tokenizer, num_tokens: int, samples: int, seed: int = HELD_OUT_SEED, noise: str = "milton"):
     """The documents `evaluate_lengths` scores at `num_tokens` tokens (a decoder's: room left for the answer)."""
-    corpus = TokenizedNoise(tokenizer, noise)
-    return [make_sample("qa1", corpus, tokenizer, num_tokens - ANSWER_RESERVE, seed, i) for i in range(samples)]
+    return cell_samples("qa1", TokenizedNoise(tokenizer, noise), tokenizer, num_tokens, seed, range(samples), True)
 
 
 def prompt_text(sample: TaskSample) -> str:
@@ -144,9 +143,7 @@ def record_on_card(card_results: Path, result: dict, command: str) -> None:
     keys = ("num_tokens", "samples", "dtype", "lm_eval_accuracy", "our_accuracy", "same_answers")
     results["harness"] = {"tool": f"lm-evaluation-harness {version('lm_eval')}", **{k: result[k] for k in keys},
                           "command": command}  # fmt: skip
-    temporary = card_results.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=2) + "\n")
-    temporary.replace(card_results)
+    save_results(card_results, results)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -15,13 +15,13 @@ import sys
 import pytest
 import torch
 from conftest import assert_equal_up_to_rounding
+from test_causal_lm import MEMORY, SEGMENT, VOCAB, left_pad, prompts
 from transformers import AutoConfig
 
 from conversion.export import HUB_FILES
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification
 from modeling_rmt.configuration_rmt import DIAGONAL_FAMILIES
 
-VOCAB, SEGMENT, MEMORY = 64, 5, 2
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=64, max_position_embeddings=64, head_dim=8, bos_token_id=1, eos_token_id=None,
               pad_token_id=0)  # fmt: skip
@@ -68,11 +68,6 @@ def tiny_decoder(family: str, seed: int = 0, text_config=None, untrained: bool =
     return model if untrained else with_written_values(model)
 
 
-def prompts(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (n,), generator=generator) for n in lengths]
-
-
 def greedy(model, input_ids, attention_mask=None, new_tokens: int = 16):
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
@@ -98,11 +93,8 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(family, 
     model = tiny_decoder(family, **MEMORIES[memory])
     batch = prompts([12, 3, 7], seed=1)
     width = max(len(p) for p in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, prompt in enumerate(batch):
-        ids[i, width - len(prompt) :], mask[i, width - len(prompt) :] = prompt, 1
-    together = greedy(model, ids, mask, new_tokens=8)
+    padded = left_pad(batch)
+    together = greedy(model, padded["input_ids"], padded["attention_mask"], new_tokens=8)
     for i, prompt in enumerate(batch):
         alone = greedy(model, prompt[None], new_tokens=8)
         assert torch.equal(together.sequences[i, width:], alone.sequences[0, len(prompt) :]), f"row {i}"

@@ -329,20 +329,19 @@ class RMTConfig(PreTrainedConfig):
             raise ValueError(f"Unknown segment_loss {self.segment_loss!r}; choose one of {SEGMENT_LOSSES}.")
         limit = backbone_position_limit(self.text_config)
         needed = self.segment_input_length
+        overhead = needed - self.segment_size
         if needed > limit:
-            overhead = segment_overhead(self.text_config, self.num_mem_tokens, self.memory_type)
             raise ValueError(
                 f"A segment needs {needed} positions (segment_size {self.segment_size} + {overhead} for memory "
                 f"and special tokens) but the {family} backbone addresses at most {limit}. Use segment_size <= "
                 f"{limit - overhead}."
             )
         window = attention_window(self.text_config) if is_decoder_family(self.text_config) else None
-        if window is not None and self.segment_input_length > window:
+        if window is not None and needed > window:
             raise ValueError(
                 f"The {family} backbone attends within a sliding window of {window} positions, and a segment takes "
-                f"{self.segment_input_length} ({self.segment_size} tokens + "
-                f"{self.segment_input_length - self.segment_size} for memory): lower segment_size to at most "
-                f"{window - (self.segment_input_length - self.segment_size)}, where sliding-window attention within a "
+                f"{needed} ({self.segment_size} tokens + {overhead} for memory): lower segment_size to at most "
+                f"{window - overhead}, where sliding-window attention within a "
                 "segment is exactly full attention."
             )
         vocab = self.text_config.vocab_size

@@ -74,8 +74,8 @@ def sequential_segments(
             has_history = first_step < step if learned_start else first_step <= step
             state = memory.detach(state, has_history)  # of documents whose memory came from a segment
         current = memory.select(state, segment.rows)
-        outputs, written = model.step(model._backbone_call(segment, current, **backbone_kwargs), current)
-        state = memory.update(state, segment.rows, written)
+        outputs, new_state = model.step(model._backbone_call(segment, current, **backbone_kwargs), current)
+        state = memory.update(state, segment.rows, new_state)
         yield segment, outputs, state
 
 
