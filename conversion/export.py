@@ -72,6 +72,7 @@ HUB_FILES: tuple[str, ...] = (
     "generation.py",
     "generation_cache.py",
     "diagonal.py",
+    "grouping.py",
     "loading.py",
 )
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -21,15 +21,6 @@ POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
 # transformers' BERT2BERT): a pretrained encoder can then back an RMTForCausalLM.
 CAUSAL_ENCODER_FAMILIES = ("bert",)
 MEMORY_TYPES = ("rmt", "armt")
-# Backbone families whose layers diagonal batching has been checked on against the sequential loop
-# (tests/test_families.py). It groups every layer into one copy of the first, so it needs layers alike in
-# structure and call: it cannot group mixture-of-experts routers (mixtral, qwen3_moe), layers that take extra
-# per-layer inputs (deberta-v2's relative positions, mpnet, megatron-bert, roformer), ModernBERT's first
-# layer, which differs from the others, or GPT-J's attention, which holds buffers of its own in transformers 5.17.
-DIAGONAL_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo2",
-                     "granite", "smollm3", "starcoder2", "falcon", "gpt2", "gpt_neox", "opt", "stablelm",
-                     "cohere", "bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert",
-                     "ernie")  # fmt: skip
 SEGMENT_ALIGNMENTS = ("right", "left")
 SEGMENT_LOSSES = ("final", "mean")
 # The input length RMT models advertise to clients that ask for one (`config.max_position_embeddings`, the saved
@@ -368,12 +359,6 @@ class RMTConfig(PreTrainedConfig):
                 f"diagonal_batching needs a memory in every layer (memory_type='armt'); memory_type="
                 f"{self.memory_type!r} recurs from the last layer to the first, which has no diagonal. "
                 "Set diagonal_batching=False or memory_type='armt'."
-            )
-        family = self.text_config.model_type
-        if family not in DIAGONAL_FAMILIES:
-            raise ValueError(
-                f"diagonal_batching does not support the {family!r} backbone yet (supported: "
-                f"{', '.join(DIAGONAL_FAMILIES)}); set diagonal_batching=False to use the sequential loop."
             )
 
     def sync_labels_to_backbone(self) -> None:

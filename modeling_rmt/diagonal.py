@@ -4,19 +4,18 @@ With a memory in every layer, cell (layer l, segment s) needs only (l - 1, s) an
 therefore runs every cell (l, i - l) at once: L + S - 1 steps of one batched layer call instead of
 L * S calls, the same arithmetic in another order.
 
-The layers are the backbone's own code. A *grouped layer* is a copy of the first layer in which each
-module holding weights (linear, Conv1D, norms) is replaced by a `GroupedModule` that keeps the weights
-of all layers stacked and applies the right layer's weights to each cell: linears, GPT-2's Conv1D,
-LayerNorm and the Llama-family RMSNorm as batched matmuls and broadcast scales written out here, any
-other module through `torch.func.vmap` (same result, more Python overhead per call); everything
-without weights (attention, rotary, activations) runs once on all cells folded into the batch. The
-ARMT reads and writes are `memory.py`'s functions on the stacked ARMT weights.
+The layers are the backbone's own code, run for several layers at once by grouped layers
+(`grouping.py`: layers of equal structure share one). The ARMT reads and writes are `memory.py`'s
+functions on the stacked ARMT weights.
 
 The backbone itself is used around the layers, with stand-in modules in its layer list for the
 duration of one call (`_stand_ins`): a first call per segment keeps the inputs the backbone gives
-its first layer (embeddings, masks, rotary tables); once the segment has been through every layer a
-second call has the stand-ins answer with that output, so final norms and heads are the backbone's
-own as well. The ARMT layers themselves are never told about any of this.
+each layer (embeddings, masks, rotary tables: per layer, as hybrid local/global backbones give each
+kind of layer its own); once the segment has been through every layer a second call has the
+stand-ins answer with that output, so final norms and heads are the backbone's own as well. The ARMT
+layers themselves are never told about any of this. The first call also checks what diagonal
+batching assumes of the backbone: that it calls every layer, in order, on the previous layer's
+output unchanged (a backbone that transforms hidden states between layers is refused by name).
 
 `DiagonalExecutor` is the peer of the sequential loop (`pretrained.sequential_segments`), called the
 same way; `RMTPreTrainedModel._segments` chooses between them. It lives in the model's
@@ -26,7 +25,6 @@ same way; `RMTPreTrainedModel._segments` chooses between them. It lives in the m
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,127 +32,27 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
-from transformers.pytorch_utils import Conv1D
 
+from .grouping import LayerClasses
 from .memory import AssociativeMemory, AssociativeState, associative_read, associative_write, backbone_layers
 
 if TYPE_CHECKING:
     from .layout import BackboneCall
 
 
-class GroupedModule(nn.Module):
-    """One weight-holding module of a layer, run for several layers at once.
-
-    Inputs arrive with the cells folded into the batch, `[cells * rows, ...]`; they are split per
-    cell and each cell gets its own layer's weights (the `layers` of the current call) via vmap.
-    """
-
-    def __init__(self, template: nn.Module, stacked: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.template = [template]  # on the meta device; a list keeps it out of the module tree
-        self.direct = _direct_forward(template)
-        self.stacked = stacked
-        self.layers: slice | torch.Tensor = slice(0, 0)
-        self.cells = 0
-
-    def forward(self, *args: Any) -> Any:
-        weights = {name: value[self.layers] for name, value in self.stacked.items()}
-        cells = self.cells
-        direct = self.direct
-        if direct is not None and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            return direct(self.template[0], weights, args[0].unflatten(0, (cells, -1))).flatten(0, 1)
-        batched = [isinstance(a, torch.Tensor) and a.shape[0] % cells == 0 for a in args]
-        split = [a.unflatten(0, (cells, -1)) if b else a for a, b in zip(args, batched, strict=True)]
-        in_dims = (0, *[0 if b else None for b in batched])
-
-        def run(layer_weights: dict[str, torch.Tensor], *inputs: Any) -> Any:
-            return functional_call(self.template[0], layer_weights, inputs)
-
-        return vmap(run, in_dims=in_dims)(weights, *split).flatten(0, 1)
-
-
-def _linear(module: nn.Linear, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`nn.Linear` per cell as one batched matmul; x is `[cells, ..., in]`, the weights `[cells, out, in]`."""
-    return _batched_affine(x, weights["weight"].transpose(1, 2), weights.get("bias"))
-
-
-def _conv1d(module: Conv1D, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Transformers' `Conv1D` (GPT-2) per cell; its weights are stored `[in, out]`."""
-    return _batched_affine(x, weights["weight"], weights["bias"])
-
-
-def _batched_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    flat = x.flatten(1, -2)  # [cells, positions, in]
-    out = torch.bmm(flat, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, weight)
-    return out.view(*x.shape[:-1], weight.shape[-1])
-
-
-def _layer_norm(module: nn.LayerNorm, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`nn.LayerNorm` per cell: normalise all cells at once, then each cell's own scale and shift."""
-    shape = (x.shape[0],) + (1,) * (x.dim() - 1 - len(module.normalized_shape)) + tuple(module.normalized_shape)
-    out = nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    out = out * weights["weight"].view(shape)
-    return out + weights["bias"].view(shape) if "bias" in weights else out
-
-
-def _rms_norm(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The Llama-family RMSNorm (Llama, Qwen2, Mistral: the same forward) per cell."""
-    normed = x.to(torch.float32)
-    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return weights["weight"].view(x.shape[0], *(1,) * (x.dim() - 2), x.shape[-1]) * normed.to(x.dtype)
-
-
-# Modules computed per cell with batched products directly; any other module runs under vmap.
-# The exact type is matched, so subclasses (quantised linears, say) keep their own forward.
-_DIRECT = {nn.Linear: _linear, Conv1D: _conv1d, nn.LayerNorm: _layer_norm}
-_RMS_NORMS = {f"transformers.models.{family}.modeling_{family}.{name}RMSNorm"
-              for family, name in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"))}  # fmt: skip
-
-
-def _direct_forward(module: nn.Module) -> Any:
-    """The direct per-cell computation for `module`'s exact type, or None (then vmap runs it)."""
-    kind = type(module)
-    if f"{kind.__module__}.{kind.__qualname__}" in _RMS_NORMS:
-        return _rms_norm
-    return _DIRECT.get(kind)
-
-
-class GroupedLayer:
-    """A copy of the backbone's layer whose weight-holding modules serve all layers at once."""
-
-    def __init__(self, layers: list[nn.Module]) -> None:
-        template = copy.deepcopy(layers[0]).to("meta")
-        self.grouped: list[GroupedModule] = []
-        paths: list[str] = []
-        for path, module in list(template.named_modules()):
-            holds = list(module.named_parameters(recurse=False)) or list(module.named_buffers(recurse=False))
-            if not holds or any(path.startswith(grouped + ".") for grouped in paths):
-                continue
-            if not path:
-                raise ValueError("The backbone's layer holds weights of its own; diagonal batching cannot group it.")
-            params, buffers = stack_module_state([layer.get_submodule(path) for layer in layers])
-            grouped = GroupedModule(module, {name: value.detach() for name, value in {**params, **buffers}.items()})
-            template.set_submodule(path, grouped)
-            paths.append(path)
-            self.grouped.append(grouped)
-        self.template = template
-
-    def __call__(self, layers: slice | torch.Tensor, cells: int, *args: Any, **kwargs: Any) -> Any:
-        for grouped in self.grouped:
-            grouped.layers, grouped.cells = layers, cells
-        return self.template(*args, **kwargs)
-
-
 class DiagonalExecutor:
     """The diagonal segment executor of one model: the peer of `pretrained.sequential_segments`, called the
-    same way, holding the grouped backbone layer and the stacked ARMT weights (rebuilt when weights change)."""
+    same way, holding the grouped backbone layers and the stacked ARMT weights (rebuilt when weights change).
+
+    `layer_output` turns a hidden state into what the backbone's layers return (a tensor, or a tuple led by
+    it), learnt from one plain call of the first layer on the first segment."""
 
     def __init__(self, memory: AssociativeMemory) -> None:
         self.memory = memory
         self.key = self._weights_key()
         layers = memory.layers
-        self.layer = GroupedLayer([layer.layer for layer in layers])
+        self.layers = LayerClasses([layer.layer for layer in layers])
+        self.layer_output: Callable[[torch.Tensor], Any] | None = None
         self.W_mq = torch.stack([layer.W_mq.weight for layer in layers]).detach()
         self.write_weights = tuple(torch.stack([layer.write_weights[i] for layer in layers]).detach() for i in range(4))
         self.num_heads, self.correction, self.normalize = layers[0].num_heads, layers[0].correction, layers[0].normalize
@@ -176,12 +74,12 @@ class DiagonalExecutor:
         work: dict[int, _SegmentWork] = {}
         for step in range(num_layers + num_segments - 1):
             if step < num_segments:
-                work[step] = _capture(model, layer_list, plan.segment(step), backbone_kwargs)
+                work[step] = _capture(self, model, layer_list, plan.segment(step), backbone_kwargs)
             cells = [(layer, step - layer) for layer in range(num_layers) if 0 <= step - layer < num_segments]
             groups: dict[Any, list[tuple[int, int]]] = {}
             for layer, number in cells:
-                item = work[number]
-                key = (item.hidden.shape, _signature(item.args[1:]), _signature(item.kwargs))
+                args, kwargs = work[number].inputs[layer]
+                key = (self.layers.of_layer[layer], work[number].hidden.shape, _signature(args), _signature(kwargs))
                 groups.setdefault(key, []).append((layer, number))
             for group in groups.values():
                 _run_cells(self, work, group, A, z)
@@ -199,8 +97,7 @@ class _SegmentWork:
 
     segment: Any
     call: BackboneCall  # how the head runs the segment through the backbone
-    args: tuple
-    kwargs: dict
+    inputs: list[tuple[tuple, dict]]  # per layer, what the backbone passes it besides the hidden states
     hidden: torch.Tensor  # input of the next layer
     output: Any = None  # the last layer's output
 
@@ -280,28 +177,53 @@ def _layer_list(model: Any) -> nn.ModuleList:
     return layer_list
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The hidden states a backbone passes its layer."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _capture(model: Any, layer_list: nn.ModuleList, segment: Any, backbone_kwargs: dict) -> _SegmentWork:
-    """The inputs the backbone gives its layers for `segment`: one backbone call with stand-ins for the
-    layers, the first keeping what it is given, all passing the hidden states on."""
+def _capture(
+    executor: DiagonalExecutor, model: Any, layer_list: nn.ModuleList, segment: Any, backbone_kwargs: dict
+) -> _SegmentWork:
+    """The inputs the backbone gives each layer for `segment`: one backbone call with stand-ins for the layers,
+    each keeping what it is given and passing the hidden states on in the form a layer returns them."""
     call = model._backbone_call(segment, model.memory.init_state(segment.rows.numel()), **backbone_kwargs)
-    captured: list[tuple[tuple, dict]] = []
+    received: list[tuple[torch.Tensor, tuple, dict]] = []
 
-    def keep(args: tuple, kwargs: dict) -> torch.Tensor:
-        captured.append((args, kwargs))
-        return _hidden(args, kwargs)
+    def keep(args: tuple, kwargs: dict) -> Any:
+        if executor.layer_output is None:
+            executor.layer_output = _output_form(executor.memory.layers[0].layer(*args, **kwargs))
+        rest = dict(kwargs)
+        hidden = args[0] if args else rest.pop("hidden_states")
+        received.append((hidden, args[1:], rest))
+        return executor.layer_output(hidden)
 
-    with _stand_ins(layer_list, [keep] + [_hidden] * (len(layer_list) - 1)):
+    with _stand_ins(layer_list, [keep] * len(layer_list)):
         call.module(**call.inputs)
-    if not captured:
-        raise RuntimeError("The backbone did not call its first ARMT layer; diagonal batching cannot run it.")
-    args, kwargs = captured[0][0], dict(captured[0][1])
-    hidden = args[0] if args else kwargs.pop("hidden_states")
-    return _SegmentWork(segment, call, (hidden, *args[1:]), kwargs, hidden)
+    _check_layers_chained([hidden for hidden, _, _ in received], len(layer_list))
+    inputs = [(args, kwargs) for _, args, kwargs in received]
+    return _SegmentWork(segment, call, inputs, received[0][0])
+
+
+def _output_form(output: Any) -> Callable[[torch.Tensor], Any]:
+    """What a layer that returned `output` returns for hidden states `h`: `h`, or `h` leading the same tuple."""
+    if isinstance(output, tuple):
+        rest = output[1:]
+        return lambda hidden: (hidden, *rest)
+    return lambda hidden: hidden
+
+
+def _check_layers_chained(hidden: list[torch.Tensor], num_layers: int) -> None:
+    """Diagonal batching feeds each layer the previous layer's output: the backbone must call every layer
+    once, in order, and pass each layer's output on unchanged."""
+    if len(hidden) != num_layers:
+        raise ValueError(
+            f"diagonal_batching cannot run this backbone: it called its layers {len(hidden)} times for "
+            f"{num_layers} layers. Set diagonal_batching=False to use the sequential loop."
+        )
+    for number in range(1, num_layers):
+        if hidden[number] is not hidden[number - 1] and not torch.equal(hidden[number], hidden[number - 1]):
+            raise ValueError(
+                f"diagonal_batching cannot run this backbone: it changes the hidden states between layers "
+                f"{number - 1} and {number} (DeBERTa-v2's convolution after its first layer does), and the "
+                "diagonal passes each layer's output straight on. Set diagonal_batching=False to use the "
+                "sequential loop."
+            )
 
 
 def _replay(layer_list: nn.ModuleList, item: _SegmentWork) -> Any:
@@ -326,7 +248,7 @@ def _run_cells(
     A: list[torch.Tensor],
     z: list[torch.Tensor],
 ) -> None:
-    """One batched call: read, layer and write for cells (layer, segment) of the same shape."""
+    """One batched call: read, layer and write for cells (layer, segment) of one layer class and shape."""
     layer_numbers = [layer for layer, _ in group]
     first = layer_numbers[0]
     contiguous = layer_numbers == list(range(first, first + len(group)))
@@ -340,9 +262,10 @@ def _run_cells(
     hidden = torch.stack([item.hidden for item in items])  # [cells, rows, T, d]
     read = associative_read(hidden, A_cells, z_cells, executor.W_mq[index], executor.num_heads, executor.normalize)
     hidden = (hidden + read).flatten(0, 1)
-    args = _merge([item.args[1:] for item in items], width)
-    kwargs = _merge([item.kwargs for item in items], width)
-    output = executor.layer(index, cells, hidden, *args, **kwargs)
+    inputs = [item.inputs[layer] for (layer, _), item in zip(group, items, strict=True)]
+    args = _merge([args for args, _ in inputs], width)
+    kwargs = _merge([kwargs for _, kwargs in inputs], width)
+    output = executor.layers.run(layer_numbers, hidden, *args, **kwargs)
     out_hidden = output[0] if isinstance(output, tuple) else output
     memory_index = torch.stack([item.call.memory_index for item in items])
     out_cells = out_hidden.unflatten(0, (cells, width))

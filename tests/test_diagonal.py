@@ -16,8 +16,7 @@ from conftest import (
 from test_armt import ARMT, tiny_armt_lm, with_written_values
 from test_causal_lm import SEGMENT, generate, left_pad, prompts
 
-import modeling_rmt.configuration_rmt as configuration
-import modeling_rmt.diagonal as diagonal_module
+import modeling_rmt.grouping as grouping_module
 from modeling_rmt import RMTConfig
 from modeling_rmt.diagonal import DiagonalExecutor
 
@@ -101,8 +100,10 @@ def diagonal_model(family: str):
 @pytest.mark.parametrize("family", DECODERS + ENCODERS)
 def test_supported_families_run_their_layer_weights_as_batched_products(family):
     executor = DiagonalExecutor(diagonal_model(family).memory)
-    assert executor.layer.grouped, "the grouped layer holds the layers' weights"
-    under_vmap = [type(grouped.template[0]).__name__ for grouped in executor.layer.grouped if grouped.direct is None]
+    grouped_modules = [module for layer in executor.layers.grouped for module in layer.grouped]
+    assert grouped_modules, "the grouped layer holds the layers' weights"
+    assert len(executor.layers.grouped) == 1, "the layers share one grouped layer"
+    under_vmap = [type(grouped.template[0]).__name__ for grouped in grouped_modules if grouped.direct is None]
     assert under_vmap == [], f"{family}: these modules fall back to vmap (slower): {under_vmap}"
 
 
@@ -113,14 +114,15 @@ def test_modules_without_a_direct_form_run_under_vmap_with_the_same_result(monke
         calls.append(1)
         return torch.func.vmap(*args, **kwargs)
 
-    monkeypatch.setattr(diagonal_module, "vmap", counting_vmap)
+    monkeypatch.setattr(grouping_module, "vmap", counting_vmap)
     model = tiny_armt_lm("llama")
     inputs = left_pad(prompts([7 * SEGMENT, 3 * SEGMENT + 5], seed=4))
     with torch.no_grad():
         model.config.diagonal_batching = True
         direct = model(**inputs)
         assert calls == []
-        for grouped in model.diagonal_executor.layer.grouped:  # as for a family whose modules are not known
+        grouped_modules = [module for layer in model.diagonal_executor.layers.grouped for module in layer.grouped]
+        for grouped in grouped_modules:  # as for a family whose modules are not known
             grouped.direct = None
         under_vmap = model(**inputs)
         model.config.diagonal_batching = False
@@ -188,10 +190,7 @@ def test_gradients_in_eval_mode_flow_as_in_the_sequential_loop():
         torch.testing.assert_close(grads[True][name], grad)
 
 
-def test_unsupported_memory_type_or_family_is_named(monkeypatch):
+def test_a_memory_without_layers_is_refused_with_the_reason():
     text_config = tiny_armt_lm("gpt2").config.text_config
     with pytest.raises(ValueError, match="memory_type='armt'"):
         RMTConfig(text_config=text_config, diagonal_batching=True)
-    monkeypatch.setattr(configuration, "DIAGONAL_FAMILIES", ("llama",))
-    with pytest.raises(ValueError, match="does not support the 'gpt2' backbone"):
-        RMTConfig(text_config=text_config, diagonal_batching=True, **ARMT)

@@ -20,7 +20,8 @@ from transformers import AutoConfig
 
 from conversion.export import HUB_FILES
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification
-from modeling_rmt.configuration_rmt import DIAGONAL_FAMILIES
+from modeling_rmt.diagonal import DiagonalExecutor
+from modeling_rmt.grouping import LayerClasses
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               intermediate_size=64, max_position_embeddings=64, head_dim=8, bos_token_id=1, eos_token_id=None,
@@ -176,11 +177,12 @@ ENCODER_OVERRIDES = {
 CLS, SEP = 1, 2
 
 
-def tiny_encoder(family: str, **rmt) -> RMTForSequenceClassification:
+def tiny_encoder(family: str, text_config_changes: dict | None = None, **rmt) -> RMTForSequenceClassification:
     torch.manual_seed(0)
     values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=64, pad_token_id=0, num_labels=3)  # fmt: skip
-    text_config = AutoConfig.for_model(family, **{**values, **ENCODER_OVERRIDES.get(family, {})})
+    values = {**values, **ENCODER_OVERRIDES.get(family, {}), **(text_config_changes or {})}
+    text_config = AutoConfig.for_model(family, **values)
     config = RMTConfig(text_config=text_config, num_mem_tokens=MEMORY, segment_size=6, cls_token_id=CLS,
                        sep_token_id=SEP, **rmt)  # fmt: skip
     return with_written_values(RMTForSequenceClassification(config).eval())
@@ -226,20 +228,64 @@ def armt_inputs(family: str) -> tuple:
     return tiny_decoder(family, **ARMT), {"input_ids": prompts([37, 30], seed=5)[0][None]}
 
 
-@pytest.mark.parametrize("family", DIAGONAL_FAMILIES)
-def test_diagonal_batching_equals_the_sequential_loop(family):
-    model, inputs = armt_inputs(family)
+def both_ways(model, inputs: dict) -> tuple:
     with torch.no_grad():
+        model.config.diagonal_batching = False
         sequential = model(**inputs)
         model.config.diagonal_batching = True
-        diagonal = model(**inputs)
+        return sequential, model(**inputs)
+
+
+@pytest.mark.parametrize("family", [family for family in DECODERS + ENCODERS if family != "albert"])
+def test_diagonal_batching_equals_the_sequential_loop(family):
+    model, inputs = armt_inputs(family)
+    sequential, diagonal = both_ways(model, inputs)
     assert_equal_up_to_rounding(model, inputs, sequential, diagonal)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deberta-v2", "mpnet", "megatron-bert", "roformer",
-                                    "modernbert", "gptj"])  # fmt: skip
-def test_diagonal_batching_on_a_family_it_cannot_group_is_refused_by_name(family):
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma2", "qwen2"])
+def test_diagonal_batching_gives_local_and_global_layers_their_own_inputs(family):
+    # Hybrid backbones give each kind of layer its own inputs (its own mask; Gemma3 its global layers another
+    # rotary table than its local ones): each layer must get what the backbone gives it, not what the first
+    # layer got. Run with the first layer's inputs, gemma3_text's logits were off by 0.016 here.
+    changes = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=32)
+    if family == "qwen2":
+        changes["use_sliding_window"] = True
+    model = tiny_decoder(family, text_config=backbone_config(family, **changes), **ARMT)
+    inputs = {"input_ids": prompts([37, 30], seed=5)[0][None]}
+    sequential, diagonal = both_ways(model, inputs)
+    assert_equal_up_to_rounding(model, inputs, sequential, diagonal)
+    if family == "gemma3_text":  # the two rotary tables differ, so a global layer given local inputs would be off
+        config = model.config.text_config
+        assert config.rope_parameters["full_attention"] != config.rope_parameters["sliding_attention"]
+
+
+def test_layers_of_another_structure_get_a_grouped_layer_of_their_own():
+    # ModernBERT's first layer has no attention norm: it runs apart from the others, which share one.
+    _, inputs = armt_inputs("modernbert")
+    model = tiny_encoder("modernbert", **ARMT, text_config_changes=dict(num_hidden_layers=3))
+    classes = LayerClasses([layer.layer for layer in model.memory.layers])
+    assert classes.members == [[0], [1, 2]]
+    sequential, diagonal = both_ways(model, inputs)
+    assert_equal_up_to_rounding(model, inputs, sequential, diagonal)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_weights_run_cell_by_cell_and_the_rest_grouped(family):
+    # Experts pick their rows by the router's choice, which vmap cannot batch (the diagonal test above checks
+    # the result); the router and attention still run for all cells in one call.
     model, _ = armt_inputs(family)
-    with pytest.raises(ValueError, match=rf"diagonal_batching does not support the '{family}' backbone"):
+    modules = [module for layer in DiagonalExecutor(model.memory).layers.grouped for module in layer.grouped]
+    per_expert = [type(module.template[0]).__name__ for module in modules if module.per_expert]
+    assert len(per_expert) == 1 and per_expert[0].endswith("Experts"), per_expert
+    assert len(modules) > 1
+
+
+def test_a_backbone_that_changes_hidden_states_between_layers_is_refused_with_the_reason():
+    model = tiny_encoder("deberta-v2", **ARMT, text_config_changes=dict(conv_kernel_size=3))
+    _, inputs = armt_inputs("deberta-v2")
+    with torch.no_grad():
+        model(**inputs)  # the sequential loop runs it
         model.config.diagonal_batching = True
-        model.config.validate_rmt()
+        with pytest.raises(ValueError, match="changes the hidden states between layers 0 and 1"):
+            model(**inputs)
