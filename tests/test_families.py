@@ -6,73 +6,28 @@ window and refused with the numbers otherwise; families that cannot work are ref
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import assert_equal_up_to_rounding
-from test_causal_lm import MEMORY, SEGMENT, VOCAB, left_pad, prompts
+from families import (
+    ARMT,
+    DECODERS,
+    ENCODERS,
+    MEMORIES,
+    WINDOWED,
+    armt_inputs,
+    assert_reloads_bit_identical_and_as_remote_code,
+    backbone_config,
+    greedy,
+    tiny_decoder,
+    tiny_encoder,
+)
+from test_causal_lm import MEMORY, SEGMENT, left_pad, prompts
 from transformers import AutoConfig
 
-from conversion.export import HUB_FILES
-from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification
+from modeling_rmt import RMTConfig
 from modeling_rmt.diagonal import DiagonalExecutor
 from modeling_rmt.grouping import LayerClasses
-
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=64, max_position_embeddings=64, head_dim=8, bos_token_id=1, eos_token_id=None,
-              pad_token_id=0)  # fmt: skip
-# What a family names differently, or needs to be small (only sizes: no behaviour is switched off).
-OVERRIDES = {
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=64),
-    "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4),
-    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
-    "falcon": dict(head_dim=None),  # a property of hidden_size / heads there
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-}
-# Backbones whose layers attend within a sliding window (all layers, or those `layer_types` names).
-WINDOWED = ("mistral", "gemma2", "gemma3_text", "starcoder2")
-DECODERS = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-            "phi3", "phi", "olmo2", "granite", "smollm3", "starcoder2", "falcon", "gptj", "opt", "stablelm", "cohere",
-            "mixtral")  # fmt: skip
-ARMT = dict(memory_type="armt", armt_d_mem=8)
-MEMORIES = {"rmt": {}, "armt": ARMT}
-
-
-def backbone_config(family: str, **changes):
-    values = {**COMMON, **OVERRIDES.get(family, {}), **changes}
-    if family in WINDOWED:
-        values.setdefault("sliding_window", 16)  # a segment takes 5 + 4 positions: inside the window
-    if values["head_dim"] is None:
-        del values["head_dim"]
-    return AutoConfig.for_model(family, **values)
-
-
-def with_written_values(model):
-    """ARMT's W_mv starts at zero, which leaves its memory inert: give it weights, so the memory matters."""
-    with torch.no_grad():
-        for layer in getattr(model.memory, "layers", ()):
-            layer.W_mv.weight.normal_(0.0, 0.3)
-    return model
-
-
-def tiny_decoder(family: str, seed: int = 0, text_config=None, untrained: bool = False, **rmt) -> RMTForCausalLM:
-    torch.manual_seed(seed)
-    config = RMTConfig(text_config=text_config or backbone_config(family), num_mem_tokens=MEMORY, segment_size=SEGMENT,
-                       **rmt)  # fmt: skip
-    model = RMTForCausalLM(config).eval()
-    return model if untrained else with_written_values(model)
-
-
-def greedy(model, input_ids, attention_mask=None, new_tokens: int = 16):
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-                          output_logits=True)  # fmt: skip
 
 
 @pytest.mark.parametrize("memory", list(MEMORIES))
@@ -140,92 +95,11 @@ def test_a_family_that_cannot_work_is_refused_with_the_reason(family, reason):
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "mixtral"])
 def test_a_saved_model_reloads_bit_identical_and_as_remote_code_in_a_fresh_process(family, tmp_path):
-    model = tiny_decoder(family, **ARMT)
-    model.save_pretrained(tmp_path)
-    package = os.path.dirname(sys.modules["modeling_rmt"].__file__)
-    for name in HUB_FILES:  # as export ships the code
-        shutil.copyfile(os.path.join(package, name), tmp_path / name)
-    ids = prompts([3 * SEGMENT + 1], seed=3)[0][None]
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    script = ("import sys, json, torch; sys.modules['modeling_rmt'] = None\n"
-              "from transformers import AutoModelForCausalLM\n"
-              "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-              "assert type(model).__module__.startswith('transformers_modules'), type(model).__module__\n"
-              "ids = torch.tensor([json.loads(sys.argv[2])])\n"
-              "with torch.no_grad():\n"
-              "    print(json.dumps(model(input_ids=ids).logits.tolist()))\n")  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path), json.dumps(ids[0].tolist())],
-                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    loaded = torch.tensor(json.loads(done.stdout.strip().splitlines()[-1]))
-    torch.testing.assert_close(loaded, expected, atol=1e-6, rtol=1e-5)  # another process may pick other kernels
-    reloaded = RMTForCausalLM.from_pretrained(tmp_path)
-    assert all(torch.equal(value, reloaded.state_dict()[key]) for key, value in model.state_dict().items())
-
-
-# ----- encoders ------------------------------------------------------------------------------------------------
-
-ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "deberta-v2",
-            "modernbert", "mpnet", "megatron-bert", "ernie", "roformer")  # fmt: skip
-ENCODER_OVERRIDES = {
-    "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
-    "electra": dict(embedding_size=32),  # memory fed back as input needs embedding_size == hidden_size
-    "albert": dict(embedding_size=32),
-}
-CLS, SEP = 1, 2
-
-
-def tiny_encoder(family: str, text_config_changes: dict | None = None, **rmt) -> RMTForSequenceClassification:
-    torch.manual_seed(0)
-    values = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, pad_token_id=0, num_labels=3)  # fmt: skip
-    values = {**values, **ENCODER_OVERRIDES.get(family, {}), **(text_config_changes or {})}
-    text_config = AutoConfig.for_model(family, **values)
-    config = RMTConfig(text_config=text_config, num_mem_tokens=MEMORY, segment_size=6, cls_token_id=CLS,
-                       sep_token_id=SEP, **rmt)  # fmt: skip
-    return with_written_values(RMTForSequenceClassification(config).eval())
-
-
-def encoder_memories(family: str) -> list[str]:
-    return ["rmt"] if family == "albert" else list(MEMORIES)  # ALBERT shares one layer across depth
-
-
-@pytest.mark.parametrize("family", ENCODERS)
-def test_an_encoder_classifies_a_padded_batch_as_each_document_alone(family):
-    documents = [torch.cat([torch.tensor([CLS]), ids, torch.tensor([SEP])]) for ids in prompts([20, 7, 13], seed=4)]
-    width = max(len(d) for d in documents)
-    for memory in encoder_memories(family):
-        model = tiny_encoder(family, **MEMORIES[memory])
-        with torch.no_grad():
-            alone = torch.cat([model(input_ids=d[None]).logits for d in documents])
-            for side in ("right", "left"):
-                ids = torch.zeros(len(documents), width, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, document in enumerate(documents):
-                    span = slice(0, len(document)) if side == "right" else slice(width - len(document), width)
-                    ids[i, span], mask[i, span] = document, 1
-                batched = model(input_ids=ids, attention_mask=mask).logits
-                torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5, msg=f"{memory}, {side} padding")
-
-
-def test_armt_on_a_backbone_that_shares_its_layers_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="share one layer across depth, as ALBERT does"):
-        tiny_encoder("albert", **ARMT)
+    inputs = {"input_ids": prompts([3 * SEGMENT + 1], seed=3)[0][None]}
+    assert_reloads_bit_identical_and_as_remote_code(tiny_decoder(family, **ARMT), tmp_path, inputs)
 
 
 # ----- diagonal batching --------------------------------------------------------------------------------------
-
-
-def armt_inputs(family: str) -> tuple:
-    if family in ENCODERS:
-        documents = [torch.cat([torch.tensor([CLS]), ids, torch.tensor([SEP])]) for ids in prompts([40, 23], seed=4)]
-        ids = torch.zeros(2, 42, dtype=torch.long)
-        for i, document in enumerate(documents):
-            ids[i, : len(document)] = document
-        return tiny_encoder(family, **ARMT), {"input_ids": ids, "attention_mask": (ids != 0).long()}
-    return tiny_decoder(family, **ARMT), {"input_ids": prompts([37, 30], seed=5)[0][None]}
 
 
 def both_ways(model, inputs: dict) -> tuple:
