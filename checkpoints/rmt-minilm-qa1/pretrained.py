@@ -3,6 +3,7 @@ segment recurrence (`RMTPreTrainedModel._segments`) that the heads in `modeling_
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoModel, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 
 from .configuration_rmt import RMTConfig, backbone_position_limit, is_decoder_family, segment_overhead
@@ -33,6 +34,15 @@ def scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> t
         return values
     full = values.new_zeros((batch_size, *values.shape[1:]))
     return full.index_copy(0, rows, values)
+
+
+def adopted_generation_config(backbone_generation: GenerationConfig, pad_token_id: int | None) -> GenerationConfig:
+    """The backbone's own generation settings (its `generation_config.json`: stop ids such as Llama 3's several
+    EOS ids, sampling defaults), with the tokenizer's pad id where the backbone names none."""
+    generation = copy.deepcopy(backbone_generation)
+    if generation.pad_token_id is None and pad_token_id is not None:
+        generation.pad_token_id = pad_token_id
+    return generation
 
 
 def loaded_backbone(backbone: nn.Module, tokenizer: Any, backbone_kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -275,6 +285,8 @@ class RMTPreTrainedModel(PreTrainedModel):
             text_config=backbone.config, num_mem_tokens=num_mem_tokens, segment_size=segment_size, **config_kwargs
         )
         model = cls(config, backbone=backbone)
+        if model.can_generate() and backbone.generation_config is not None:
+            model.generation_config = adopted_generation_config(backbone.generation_config, config.pad_token_id)
         embeddings = model.get_input_embeddings().weight
         with torch.no_grad():  # memory starts at the scale of the pretrained token embeddings
             model.memory.memory_tokens.normal_(0.0, float(embeddings.float().std()))

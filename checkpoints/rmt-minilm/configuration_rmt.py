@@ -100,7 +100,7 @@ def backbone_position_limit(text_config: PreTrainedConfig) -> int:
     """Longest input (in tokens) the backbone's position embeddings can address."""
     reserved = 0
     if text_config.model_type in POSITIONS_AFTER_PAD:
-        reserved = (text_config.pad_token_id or 0) + 1
+        reserved = (0 if text_config.pad_token_id is None else text_config.pad_token_id) + 1
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     return int(limit) - reserved
 

@@ -31,9 +31,12 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
             )
         for name in ("cls_token_id", "sep_token_id"):
             if getattr(config, name) is None:
+                token = name.removesuffix("_token_id")
                 raise ValueError(
-                    f"config.{name} is not set; pass {name}=tokenizer.{name.removesuffix('_id')}_token_id "
-                    "(from_backbone reads it from the backbone's tokenizer)."
+                    f"config.{name} is not set, and encoder segments need it: each is `[CLS] memory [SEP] tokens "
+                    f"[SEP]`. Pass {name}=tokenizer.{name} (from_backbone reads it from the tokenizer it is given); "
+                    f"a tokenizer without a {token.upper()} token, such as a decoder's, needs an id chosen for it, "
+                    f"e.g. {name}=tokenizer.{'bos' if token == 'cls' else 'eos'}_token_id."
                 )
 
     def _backbone_call(self, segment: Segment, state: MemoryState, **backbone_kwargs: Any) -> BackboneCall:
@@ -41,7 +44,7 @@ class RMTEncoderPreTrainedModel(RMTPreTrainedModel):
         config = self.config
         inputs, memory_index = encoder_segment(
             self.get_input_embeddings(), segment, self.memory.tokens(state),
-            config.cls_token_id, config.sep_token_id, config.pad_token_id or 0,
+            config.cls_token_id, config.sep_token_id, 0 if config.pad_token_id is None else config.pad_token_id,
         )  # fmt: skip
         return BackboneCall(self.backbone, {**inputs, **backbone_kwargs}, memory_index)
 
