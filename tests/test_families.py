@@ -93,6 +93,13 @@ def test_a_family_that_cannot_work_is_refused_with_the_reason(family, reason):
         RMTConfig(text_config=AutoConfig.for_model(family), num_mem_tokens=MEMORY, segment_size=SEGMENT)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_moe_backbone_asking_for_its_router_loss_is_refused_with_the_fix(family):
+    # RMT computes its own loss; the experts' load-balancing loss is not added, so asking for it is an error.
+    with pytest.raises(ValueError, match="output_router_logits=True.*set output_router_logits=False"):
+        tiny_decoder(family, text_config=backbone_config(family, output_router_logits=True))
+
+
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "mixtral"])
 def test_a_saved_model_reloads_bit_identical_and_as_remote_code_in_a_fresh_process(family, tmp_path):
     inputs = {"input_ids": prompts([3 * SEGMENT + 1], seed=3)[0][None]}
