@@ -36,6 +36,18 @@ def scatter_rows(rows: torch.Tensor, values: torch.Tensor, batch_size: int) -> t
     return full.index_copy(0, rows, values)
 
 
+def check_wrapper_arguments(inputs_embeds: Any = None, **flags: Any) -> None:
+    """Arguments that wrappers such as PEFT's task models pass to every model: accepted while they ask for
+    nothing this model does not give (`flags`: output switches it does not support)."""
+    if inputs_embeds is not None:
+        raise ValueError(
+            "inputs_embeds is not supported: RMT embeds each segment's tokens itself, beside memory; pass input_ids."
+        )
+    for name, value in flags.items():
+        if value is not None and value is not False:
+            raise ValueError(f"{name}={value!r} is not supported by this RMT model; leave it unset.")
+
+
 def adopted_generation_config(backbone_generation: GenerationConfig, pad_token_id: int | None) -> GenerationConfig:
     """The backbone's own generation settings (its `generation_config.json`: stop ids such as Llama 3's several
     EOS ids, sampling defaults), with the tokenizer's pad id where the backbone names none."""
@@ -85,7 +97,7 @@ def sequential_segments(
             state = memory.detach(state, has_history)  # of documents whose memory came from a segment
         current = memory.select(state, segment.rows)
         outputs, new_state = model.step(model._backbone_call(segment, current, **backbone_kwargs), current)
-        state = memory.update(state, segment.rows, new_state)
+        state = memory.update_rows(state, segment.rows, new_state)
         yield segment, outputs, state
 
 

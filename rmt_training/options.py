@@ -57,6 +57,16 @@ class RunOptions:
     eval_size: int = HfArg(default=200, help="validation documents")
     dropout: float | None = HfArg(default=None, help="override the backbone's dropout")
     stop_at_step: int | None = HfArg(default=None, help="save and stop here (resume later)")
+    lora_r: int | None = HfArg(
+        default=None,
+        help="train LoRA adapters of this rank on the backbone's linear layers instead of every weight (the memory "
+        "and a classifier's head train fully; needs peft); final/ gets the merged model, final/adapter/ the adapter",
+    )
+    lora_alpha: float = HfArg(default=16.0, help="LoRA's scale numerator (with --lora-r)")
+    lora_dropout: float = HfArg(default=0.0, help="dropout on the LoRA path (with --lora-r)")
+    lora_target_modules: list[str] | None = HfArg(
+        default=None, help="modules for LoRA, names or suffixes (default: every linear of the backbone's base model)"
+    )
 
 
 _BASE = {spec.name: spec for spec in dataclasses.fields(TrainingArguments)}

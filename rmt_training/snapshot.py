@@ -29,7 +29,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 SNAPSHOT_FILE = "snapshot.json"
 REWARM_FILE = "rewarm.json"
-COMPLETE = ("model.safetensors", "trainer_state.json", "curriculum.json")  # what a resumable checkpoint holds
+COMPLETE = ("trainer_state.json", "curriculum.json")  # what a resumable checkpoint holds, beside its weights:
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")  # a full run's, or a LoRA run's (--lora-r)
 STATE_FILES = (
     "config.json",
     "generation_config.json",
@@ -48,8 +49,11 @@ def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
     run_dir, snapshot_dir = Path(run_dir), Path(snapshot_dir)
     checkpoint = last_complete_checkpoint(run_dir)
     if checkpoint is None:
-        raise SystemExit(f"{run_dir} has no complete checkpoint-N folder (with {', '.join(COMPLETE)}) to snapshot; "
-                         "train with --save-steps first.")  # fmt: skip
+        raise SystemExit(f"{run_dir} has no complete checkpoint-N folder (with {WEIGHTS}, {', '.join(COMPLETE)}) to "
+                         "snapshot; train with --save-steps first.")  # fmt: skip
+    if not (checkpoint / WEIGHTS).is_file():
+        raise SystemExit(f"{checkpoint} is a LoRA run's (an adapter, no {WEIGHTS}): snapshots carry full runs. Copy "
+                         "the checkpoint folder itself to resume it elsewhere.")  # fmt: skip
     if snapshot_dir.exists() and not (snapshot_dir / SNAPSHOT_FILE).is_file():
         raise SystemExit(f"{snapshot_dir} exists and is not a snapshot; pick an empty or new folder.")
     _refuse_foreign_files(snapshot_dir)
@@ -116,7 +120,8 @@ def last_complete_checkpoint(run_dir: str | Path, set_aside: bool = False) -> Pa
     folders = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     incomplete = []
     for folder in sorted(folders, key=checkpoint_step, reverse=True):
-        if not all((folder / name).is_file() for name in COMPLETE):
+        weights = any((folder / name).is_file() for name in WEIGHT_FILES)
+        if not weights or not all((folder / name).is_file() for name in COMPLETE):
             incomplete.append(folder)
             continue
         for newer in incomplete if set_aside else []:

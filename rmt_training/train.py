@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -260,8 +261,36 @@ def build_model(args: RunOptions, tokenizer, last: Path | None = None) -> RMTFor
     )  # fmt: skip
 
 
+def with_lora(model: RMTForSequenceClassification | RMTForCausalLM, args: RunOptions) -> Any:
+    """The model under LoRA adapters (`rmt_training.lora`): the backbone's linear layers get adapters, the
+    memory and a classifier's head train fully."""
+    if importlib.util.find_spec("peft") is None:
+        raise SystemExit('--lora-r needs peft: pip install -e ".[peft]"')
+    from peft import get_peft_model
+
+    from .lora import lora_config
+
+    config = lora_config(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=args.lora_target_modules)  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def check_lora_options(args: RunOptions) -> None:
+    """LoRA's other options go with --lora-r, and the rank is a positive integer."""
+    if args.lora_r is None:
+        others = [
+            spec for spec in dataclasses.fields(RunOptions) if spec.name.startswith("lora_") and spec.name != "lora_r"
+        ]
+        given = [f"--{spec.name.replace('_', '-')}" for spec in others if getattr(args, spec.name) != spec.default]
+        if given:
+            raise SystemExit(f"{' '.join(given)} set LoRA up: add --lora-r (the adapters' rank) to train with LoRA.")
+    elif isinstance(args.lora_r, bool) or args.lora_r < 1:
+        raise SystemExit(f"--lora-r must be an integer >= 1 (the adapters' rank), got {args.lora_r}.")
+
+
 def main(argv: list[str] | None = None) -> Path:
     args, training_args = parse_args(argv)
+    check_lora_options(args)
     device = "cpu" if training_args.use_cpu else "cuda"  # what the Trainer will use
     if training_args.bf16 and (warning := slow_bfloat16_warning(device, "--bf16")):
         warnings.warn(warning, stacklevel=2)
@@ -287,7 +316,7 @@ def main(argv: list[str] | None = None) -> Path:
     curriculum = Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps)
     if last is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
         raise SystemExit(
-            f"{output_dir} holds no complete checkpoint (one with model.safetensors, trainer_state.json and "
+            f"{output_dir} holds no complete checkpoint (one with its weights, trainer_state.json and "
             "curriculum.json): they were written by other code, or the first save was interrupted. Train into a new "
             "--output-dir, or move those checkpoint folders away."
         )
@@ -322,9 +351,12 @@ def main(argv: list[str] | None = None) -> Path:
     validation = CurriculumTaskDataset(**common, size=args.eval_size, seed=training_args.seed + VALIDATION_SEED_OFFSET)
     clock = RunClock(last, "bfloat16 mixed precision" if training_args.bf16 else "float32")
     rewarm = Rewarm.for_checkpoint(last, int(training_args.warmup_steps))
-    model = build_model(args, tokenizer, last)
+    lora = args.lora_r is not None  # a LoRA checkpoint holds the adapter: the base is built anew, as at the start
+    model = build_model(args, tokenizer, None if lora else last)
     if decoder:
         end_answers_at_end_token(model, tokenizer)
+    if lora:
+        model = with_lora(model, args)
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_data, eval_dataset=validation,
         data_collator=DecoderCollator(pad_token_id(tokenizer)) if decoder else DataCollatorWithPadding(tokenizer),
@@ -346,7 +378,11 @@ def main(argv: list[str] | None = None) -> Path:
     if trainer.is_world_process_zero():
 
         def write(folder: Path) -> None:
-            trainer.save_model(str(folder))
+            if lora:  # the adapter (with the trained memory) beside the merged model, which every tool reads
+                trainer.model.save_pretrained(folder / "adapter")
+                trainer.model.merge_and_unload().save_pretrained(folder)
+            else:
+                trainer.save_model(str(folder))
             tokenizer.save_pretrained(folder)
             curriculum.save(folder)
             clock.save(folder)

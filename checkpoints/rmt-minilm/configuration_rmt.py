@@ -292,6 +292,12 @@ class RMTConfig(PreTrainedConfig):
         family = self.text_config.model_type
         if (problem := backbone_problem(self.text_config)) is not None:
             raise ValueError(problem)
+        if getattr(self.text_config, "output_router_logits", False) is True:
+            raise ValueError(
+                f"The {family} backbone's config sets output_router_logits=True, asking for its mixture-of-experts "
+                "load-balancing loss, which RMT does not add to its own loss; set output_router_logits=False "
+                "(from_backbone(..., backbone_kwargs={'output_router_logits': False}), or in text_config)."
+            )
         embedding_size = getattr(self.text_config, "embedding_size", None) or self.text_config.hidden_size
         if embedding_size != self.text_config.hidden_size:
             raise ValueError(

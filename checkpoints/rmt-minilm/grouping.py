@@ -107,6 +107,18 @@ class GroupedModule(nn.Module):
         self.layers: slice | torch.Tensor = slice(0, 0)
         self.cells = 0
 
+    def __getattr__(self, name: str) -> Any:
+        """What a module around this one reads from it (PEFT's LoRA layers read their linears' `weight.dtype`):
+        a weight is all its layers' stacked (the dtype and device of each layer's own), anything else the
+        template's (`in_features`, `eps`)."""
+        stacked = self.__dict__.get("stacked")
+        if stacked is not None and name in stacked:
+            return stacked[name]
+        template = self.__dict__.get("template")
+        if template is not None and not name.startswith("_"):
+            return getattr(template[0], name)
+        return super().__getattr__(name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         weights = {name: value[self.layers] for name, value in self.stacked.items()}
         cells = self.cells

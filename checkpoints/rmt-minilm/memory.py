@@ -18,6 +18,8 @@ over the batch dimension of a state.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,7 +86,7 @@ class _BatchFirstState:
         """The state of the documents `rows` (indices)."""
         return self._map(lambda part: part.index_select(0, rows.to(part.device)), state)
 
-    def update(self, state: MemoryState, rows: torch.Tensor, new_state: MemoryState) -> MemoryState:
+    def update_rows(self, state: MemoryState, rows: torch.Tensor, new_state: MemoryState) -> MemoryState:
         """`state` with the documents `rows` replaced by `new_state`."""
         if rows.numel() == self.batch_size(state):
             return new_state
@@ -346,6 +348,16 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
             (len(layers), num_heads, 6 * d_mem // num_heads, hidden_size // num_heads),
             (len(layers), num_heads, 6 * d_mem // num_heads),
         )
+
+    def __deepcopy__(self, memo: dict) -> AssociativeMemory:
+        """A copy refers to the layers the copy's backbone holds: copies where the whole model is being copied
+        (the backbone comes first), the same layers where only the memory is (as PEFT's `modules_to_save` does),
+        never layers of their own that no backbone runs."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        memo.setdefault(id(self.layers), tuple(memo.get(id(layer), layer) for layer in self.layers))
+        clone.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return clone
 
     @staticmethod
     def _map(function: Any, state: AssociativeState, *others: AssociativeState) -> AssociativeState:

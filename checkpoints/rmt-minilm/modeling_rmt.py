@@ -16,7 +16,7 @@ from .layout import BackboneCall, decoder_segment, encoder_segment, memory_slots
 from .loading import bert_as_decoder
 from .memory import MemoryState
 from .outputs import CACHE_NAME, RMTCausalLMOutput, RMTModelOutput, RMTSequenceClassifierOutput
-from .pretrained import RMTPreTrainedModel, scatter_rows
+from .pretrained import RMTPreTrainedModel, check_wrapper_arguments, scatter_rows
 from .segmenting import Segment
 
 
@@ -95,7 +95,10 @@ class RMTForSequenceClassification(RMTEncoderPreTrainedModel):
         output_segment_logits: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        inputs_embeds: None = None,
+        output_attentions: None = None,
     ) -> RMTSequenceClassifierOutput | tuple:
+        check_wrapper_arguments(inputs_embeds, output_attentions=output_attentions)
         plan = self._plan(input_ids, attention_mask, token_type_ids)
         ignored = self._check_labels(labels, plan.batch_size) if labels is not None else None
         mean_loss = labels is not None and self.config.segment_loss == "mean"
@@ -294,6 +297,9 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         return_dict: bool | None = None,
         use_cache: bool | None = None,
         cache: RMTGenerationCache | None = None,
+        inputs_embeds: None = None,
+        output_attentions: None = None,
+        output_hidden_states: None = None,
     ) -> RMTCausalLMOutput | tuple:
         """Logits (and the loss with `labels`) over whole documents of any length.
 
@@ -302,6 +308,8 @@ class RMTForCausalLM(RMTPreTrainedModel, RMTGenerationMixin):
         else it continues decoding); `use_cache` is accepted for compatibility: a call without a cache always
         runs the full forward pass.
         """
+        check_wrapper_arguments(inputs_embeds, output_attentions=output_attentions,
+                                output_hidden_states=output_hidden_states)  # fmt: skip
         if token_type_ids is not None and bool(token_type_ids.any()):
             raise ValueError("RMTForCausalLM reads every token as type 0; drop token_type_ids (or pass zeros).")
         if cache is not None and not isinstance(cache, RMTGenerationCache):
