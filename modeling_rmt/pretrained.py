@@ -141,6 +141,8 @@ class RMTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "rmt"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # With the backbone's own layer class (gathered by post_init): an ARMT layer keeps its memory weights with it.
+    _no_split_modules = ["AssociativeLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True

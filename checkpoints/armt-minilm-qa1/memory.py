@@ -19,7 +19,6 @@ over the batch dimension of a state.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -41,7 +41,7 @@ def check_wrapper_arguments(inputs_embeds: Any = None, **flags: Any) -> None:
     nothing this model does not give (`flags`: output switches it does not support)."""
     if inputs_embeds is not None:
         raise ValueError(
-            "inputs_embeds is not supported: RMT embeds each segment's tokens itself, beside the memory. Pass input_ids."
+            "inputs_embeds is not supported: RMT embeds each segment's tokens itself, beside memory; pass input_ids."
         )
     for name, value in flags.items():
         if value is not None and value is not False:
@@ -141,6 +141,8 @@ class RMTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "rmt"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # With the backbone's own layer class (gathered by post_init): an ARMT layer keeps its memory weights with it.
+    _no_split_modules = ["AssociativeLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
