@@ -70,7 +70,7 @@ def our_loglikelihoods(model, tokenizer, document) -> list[float]:
     return scores
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("batch_size", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_lm_eval_answers_as_our_generate_and_scores_as_our_forward(tasks, documents, tokenizer, model, batch_size,
                                                                    caplog):  # fmt: skip
     assert all(len(document.input_ids) > 512 for document in documents)

@@ -175,6 +175,7 @@ def test_what_wrappers_pass_is_accepted_unset_and_refused_when_it_asks_for_more(
         model(**inputs, output_attentions=True)
 
 
+@pytest.mark.slow  # about a minute of training on two cores
 def test_a_lora_run_under_trainer_learns_what_only_memory_can_carry(tmp_path):
     # ARMT with LoRA on a tiny random backbone and its memory weights in full: the label sits in the first of three
     # segments (test_trainer's task). RMT's memory tokens alone did not learn it under LoRA on this random backbone

@@ -85,7 +85,8 @@ def test_training_moves_through_the_curriculum_and_saves_a_loadable_model(tiny_b
     assert all(math.isfinite(loss) for loss in logged_losses(final).values())
 
 
-@pytest.mark.parametrize("stop", [2, 3])  # 2: the curriculum moves on right at the checkpoint
+# 2: the curriculum moves on right at the checkpoint; 3: a step after it
+@pytest.mark.parametrize("stop", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tiny_backbone, tmp_path, stop):
     common = ["--max-steps", "6", "--stages", "1", "2", "--advance-at", "0.0"]
     whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *common))
