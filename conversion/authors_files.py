@@ -1,16 +1,22 @@
-"""Reading the authors' checkpoint files safely: only files torch.save wrote, opened with
-`torch.load(weights_only=True)`, which never runs code from the file (used by `conversion.from_authors`)."""
+"""Reading the authors' checkpoint files safely (used by `conversion.from_authors`): files torch.save wrote, opened
+with `torch.load(weights_only=True)`, which never runs code from the file; safetensors files; and checkpoints
+sharded over several such files with an index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`),
+each shard holding exactly the weights the index names for it."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-CHECKPOINT_FILES = ("model_best.pth", "pytorch_model.bin")
+CHECKPOINT_FILES = ("model_best.pth", "pytorch_model.bin", "model.safetensors", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")  # fmt: skip
 # torch.save's legacy (non-zip) files open with this number, pickled (torch.serialization.MAGIC_NUMBER).
 TORCH_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -56,6 +62,44 @@ def load_authors_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass the authors' checkpoint file or its folder.")
+    if path.name.endswith(".index.json"):
+        return _sharded(path)
+    if path.suffix == ".safetensors":
+        return _safetensors(path)
+    return _torch_file(path)
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:  # a damaged or truncated file: say so, with safetensors' words
+        raise NotACheckpointError(f"{path} is not a readable safetensors file: safetensors said: {error}") from error
+
+
+def _sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    """The weights of every shard an index names, each shard holding exactly the weights mapped to it."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise NotACheckpointError(f"{index_path} is not a checkpoint index (JSON, a weight_map): {error}") from error
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        named = {key for key, file in weight_map.items() if file == shard}
+        shard_path = index_path.parent / shard
+        if Path(shard).name != shard or not shard_path.is_file():
+            raise FileNotFoundError(f"{index_path} names the shard {shard!r}, which is not a file beside it.")
+        weights = _safetensors(shard_path) if shard_path.suffix == ".safetensors" else _torch_file(shard_path)
+        if weights.keys() != named:
+            missing, extra = sorted(named - weights.keys()), sorted(weights.keys() - named)
+            raise ValueError(
+                f"The shard {shard} does not hold what {index_path.name} maps to it: missing {missing[:5]}, not in "
+                f"the index {extra[:5]}. The checkpoint is incomplete or mixed up; download it again."
+            )
+        state.update(weights)
+    return state
+
+
+def _torch_file(path: Path) -> dict[str, torch.Tensor]:
     kind = torch_file_kind(path)
     if kind is not None:
         raise NotACheckpointError(

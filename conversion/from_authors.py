@@ -3,6 +3,10 @@
     python -m conversion.from_authors model_best.pth ./rmt-bert --backbone bert-base-uncased
     python -m conversion.from_authors pytorch_model.bin ./rmt-gpt2 --backbone gpt2 --segment-size 512
     python -m conversion.from_authors pytorch_model.bin ./armt-gpt2 --backbone gpt2 --segment-size 512
+    python -m conversion.from_authors model.safetensors.index.json ./rmt-llama --backbone meta-llama/Llama-3.2-1B ...
+
+Files: torch.save's (`model_best.pth`, `pytorch_model.bin`), safetensors, and sharded checkpoints through their
+index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`), as `conversion.authors_files` reads them.
 
 Layouts (`--layout auto` tells them apart by their keys):
   encoder  trainer checkpoint {model_state_dict: {model.<bert|roberta|...>.*, model.classifier.*, mem_token_ids,
@@ -401,7 +405,8 @@ def to_authors_layout(model: RMTPreTrainedModel) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="the authors' checkpoint file (model_best.pth, pytorch_model.bin) or its folder")
+    parser.add_argument("source", help="the authors' checkpoint file (model_best.pth, pytorch_model.bin, "
+                        "model.safetensors, or a sharded checkpoint's *.index.json) or its folder")  # fmt: skip
     parser.add_argument("output_dir")
     parser.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto")
     parser.add_argument("--backbone", required=True, help="the backbone's AutoConfig id or folder, or a model folder")
