@@ -4,14 +4,15 @@ from a hand-edited config.json), settings changed on a live model, and the input
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import VOCAB, encode, random_documents, tiny_classifier, tiny_rmt_config
+from conftest import CLS, SEP, VOCAB, encode, random_documents, tiny_backbone_config, tiny_classifier, tiny_rmt_config
 from test_armt import ARMT, tiny_armt_lm
 from test_causal_lm import VOCAB as LM_VOCAB
 from test_causal_lm import left_pad, prompts, tiny_lm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from modeling_rmt import RMTConfig, RMTForSequenceClassification
 from modeling_rmt import pretrained as pretrained_module
@@ -41,6 +42,15 @@ from modeling_rmt import pretrained as pretrained_module
 def test_counts_must_be_integers_and_flags_bools(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny_rmt_config("bert", **kwargs)
+
+
+@pytest.mark.parametrize("value", ["4", 4.0, True])
+def test_from_backbone_names_a_memory_size_that_is_not_a_whole_number(value):
+    # With segment_size left to its default, the size feeds the default's arithmetic: still the config's message.
+    backbone = AutoModelForSequenceClassification.from_config(tiny_backbone_config("bert", num_labels=2))
+    tokens = SimpleNamespace(cls_token_id=CLS, sep_token_id=SEP, pad_token_id=0)
+    with pytest.raises(ValueError, match=rf"num_mem_tokens must be an integer, got {value!r}"):
+        RMTForSequenceClassification.from_backbone(backbone, tokenizer=tokens, num_mem_tokens=value)
 
 
 @pytest.mark.parametrize(

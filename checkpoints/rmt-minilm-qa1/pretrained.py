@@ -292,7 +292,8 @@ class RMTPreTrainedModel(PreTrainedModel):
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **source)
         for name in ("cls_token_id", "sep_token_id", "pad_token_id"):
             config_kwargs.setdefault(name, getattr(tokenizer, name, None))
-        if segment_size is None:
+        counted = isinstance(num_mem_tokens, int) and not isinstance(num_mem_tokens, bool)  # else RMTConfig says why
+        if segment_size is None and counted:
             overhead = segment_overhead(backbone.config, num_mem_tokens, config_kwargs.get("memory_type", "rmt"))
             segment_size = backbone_position_limit(backbone.config) - overhead
         config = RMTConfig(
