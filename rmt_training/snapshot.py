@@ -29,8 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 SNAPSHOT_FILE = "snapshot.json"
 REWARM_FILE = "rewarm.json"
-COMPLETE = ("trainer_state.json", "curriculum.json")  # what a resumable checkpoint holds, beside its weights:
-WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")  # a full run's, or a LoRA run's (--lora-r)
+COMPLETE = ("trainer_state.json", "curriculum.json")  # what a resumable checkpoint holds, beside its weights
 STATE_FILES = (
     "config.json",
     "generation_config.json",
@@ -42,6 +41,7 @@ STATE_FILES = (
     "tokenizer_config.json",
 )
 WEIGHTS = "model.safetensors"
+WEIGHT_FILES = (WEIGHTS, "adapter_model.safetensors")  # a full run's, or a LoRA run's (--lora-r)
 
 
 def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
