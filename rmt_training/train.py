@@ -74,10 +74,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunOptions, RunTrainingAr
     return parse_options(argv, __doc__)
 
 
-def recorded_settings(options: RunOptions, training_args: TrainingArguments) -> dict[str, Any]:
-    """What a run's `training_args.json` records: its own options, every Trainer argument, and the processes."""
+def recorded_settings(
+    options: RunOptions, training_args: TrainingArguments, distributed_type: str = "NO"
+) -> dict[str, Any]:
+    """What a run's `training_args.json` records: its own options, every Trainer argument, and the processes
+    (`distributed_type`: accelerate's, e.g. NO, MULTI_CPU (DDP), MULTI_GPU, FSDP)."""
     trainer_settings = json.loads(training_args.to_json_string())
-    return {**dataclasses.asdict(options), **trainer_settings, "world_size": training_args.world_size}
+    processes = {"world_size": training_args.world_size, "distributed_type": distributed_type}
+    return {**dataclasses.asdict(options), **trainer_settings, **processes}
+
+
+def check_fsdp_launch(trainer: Trainer) -> None:
+    """`accelerate launch --use_fsdp` on processes without an accelerator gets DDP from accelerate, silently:
+    refuse it, with what to do instead."""
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if requested and not trainer.is_fsdp_enabled:
+        raise SystemExit(
+            f"accelerate was launched with FSDP, but it runs FSDP only on accelerator devices and would train these "
+            f"{trainer.accelerator.device.type} processes with {trainer.accelerator.distributed_type.value} instead. "
+            "Drop --use_fsdp to train with DDP (`accelerate launch --multi_gpu`), or shard a loop of your own with "
+            "rmt_training.sharding.shard_with_fsdp2, which runs FSDP2 over gloo on CPUs (README: Train on several "
+            "devices)."
+        )
 
 
 class StopAtStep(TrainerCallback):
@@ -367,6 +385,7 @@ def main(argv: list[str] | None = None) -> Path:
         + ([rewarm] if rewarm else [])
         + ([lineage] if lineage else []),
     )  # fmt: skip
+    check_fsdp_launch(trainer)
     if last:
         kind = f" (learning rate warming up again from step {rewarm.resumed_at})" if rewarm else ""
         print(f"resuming from {last}{kind} at {curriculum.num_segments} segments per document")
@@ -388,7 +407,8 @@ def main(argv: list[str] | None = None) -> Path:
             clock.save(folder)
             if lineage:
                 lineage.save(folder)
-            (folder / "training_args.json").write_text(json.dumps(recorded_settings(args, trainer.args), indent=2))
+            settings = recorded_settings(args, trainer.args, trainer.accelerator.distributed_type.value)
+            (folder / "training_args.json").write_text(json.dumps(settings, indent=2))
             (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
 
         try:  # built beside final/ and renamed: a file someone put in final/ meanwhile is never written over

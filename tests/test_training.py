@@ -237,7 +237,8 @@ def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_globa
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     two = tmp_path / "two" / "final"
-    assert json.loads((two / "training_args.json").read_text())["world_size"] == 2
+    record = json.loads((two / "training_args.json").read_text())
+    assert record["world_size"] == 2 and record["distributed_type"] == "MULTI_CPU"  # DDP over gloo
     assert logged_losses(two) == pytest.approx(logged_losses(one), rel=1e-4)
     assert len(logged_losses(one)) == 3
 

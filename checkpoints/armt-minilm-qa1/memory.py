@@ -29,6 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+if torch.distributed.is_available():
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+else:  # a build without torch.distributed: nothing is ever sharded
+    FSDPModule = ()
+
 # Added to the normaliser of associative reads, as in the ARMT paper.
 READ_EPS = 1e-5
 
@@ -317,6 +322,14 @@ class AssociativeLayer(nn.Module):
         return output
 
 
+def gather_weights_for_write(layer: AssociativeLayer) -> None:
+    """Under FSDP2 (`fully_shard`, also what accelerate's FSDP applies) an ARMT layer sharded on its own holds its
+    weights only around `forward`, and the write runs after it: register `write` as a forward method too, once
+    (torch's `register_fsdp_forward_method`), so that its weights are gathered for it and again for its backward."""
+    if isinstance(layer, FSDPModule) and "write" not in vars(layer):
+        register_fsdp_forward_method(layer, "write")
+
+
 def backbone_layers(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's list of transformer layers (the first ModuleList with one entry per layer)."""
     num_layers = backbone.config.num_hidden_layers
@@ -391,6 +404,8 @@ class AssociativeMemory(nn.Module, _BatchFirstState):
 
     def write(self, state: AssociativeState, written: list[torch.Tensor]) -> AssociativeState:
         """Every layer's delta-rule update from its memory tokens' outputs."""
+        for layer in self.layers:
+            gather_weights_for_write(layer)
         updates = [
             layer.write(*state.layer(n), outputs)
             for n, (layer, outputs) in enumerate(zip(self.layers, written, strict=True))

@@ -173,6 +173,19 @@ class RMTPreTrainedModel(PreTrainedModel):
         self.diagonal_executor: DiagonalExecutor | None = None
         self.post_init()
 
+    def post_init(self) -> None:
+        """transformers' post_init; then `_no_split_modules` (gathered from the backbone) loses any module that
+        holds the input embeddings, such as BERT's `BertEmbeddings`: RMT embeds each segment with the word
+        embeddings directly, outside that module's forward, so FSDP (whose wrap policy reads this list) must keep
+        them in the model's own group rather than shard them in a group gathered only around that forward."""
+        super().post_init()
+        embeddings = self.get_input_embeddings()
+        self._no_split_modules = {
+            name
+            for name in self._no_split_modules
+            if not any(type(module).__name__ == name and embeddings in module.modules() for module in self.modules())
+        }
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         """As transformers loads any model; refuses a checkpoint of the other memory type's layer layout, and
