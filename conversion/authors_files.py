@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 CHECKPOINT_FILES = ("model_best.pth", "pytorch_model.bin", "model.safetensors", "model.safetensors.index.json",
@@ -70,10 +70,16 @@ def load_authors_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's weights, with the names `safetensors.torch.save_model` dropped as duplicates of another
+    (tied embeddings, a layer list registered twice): it records each in the header as {dropped: kept}."""
     try:
-        return load_file(path, device="cpu")
+        state = load_file(path, device="cpu")
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as error:  # a damaged or truncated file: say so, with safetensors' words
         raise NotACheckpointError(f"{path} is not a readable safetensors file: safetensors said: {error}") from error
+    shared = {dropped: kept for dropped, kept in metadata.items() if dropped not in state and kept in state}
+    return {**state, **{dropped: state[kept] for dropped, kept in shared.items()}}
 
 
 def _sharded(index_path: Path) -> dict[str, torch.Tensor]:

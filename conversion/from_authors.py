@@ -13,8 +13,11 @@ Layouts (`--layout auto` tells them apart by their keys):
            cls_token, sep_token, model.embeddings.weight}, ...}; memory = word-embedding rows [vocab, vocab + m)
   decoder  RMT causal LM {memory_cell.memory [m, d], memory_cell.model.*}
   armt     as decoder, plus memory_cell.model.<layers>.{i}.W_mq/W_mk/W_mv/W_mb.* beside the block's .layer.*
+The newer releases are brought to these first (`conversion.authors_keys`): LoRA unmerged in a PEFT backbone
+(`--lora-alpha`), the layer list saved twice, the Hub ARMT wrapper (`armt.*`) and InnerLoopARMT (`memory`, `model.*`).
 
-The authors ship no config: `--backbone` names the backbone's (an AutoConfig id or folder, or a model folder).
+Most releases ship no config: `--backbone` names the backbone's (an AutoConfig id or folder, or a model folder).
+InnerLoopARMT's config.json holds it, and its settings; a RecurrentWrapper's config.json its segment_size.
 Every source key is accounted for (mapped, checked as an alias, a tied weight or a buffer the backbone
 recomputes); anything else is an error naming it. Pickles are opened only with `weights_only=True`.
 """
@@ -30,12 +33,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 from conversion.authors_files import load_authors_checkpoint
+from conversion.authors_keys import (
+    LAYER_COPY,
+    fill_tied,
+    merged_settings,
+    normalize_authors_keys,
+    recomputed_buffer,
+    source_config,
+)
 from conversion.from_backbone import count, long_document_tokenizer, refuse_non_empty, run_or_exit, write_new_folder
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification, RMTPreTrainedModel
 from modeling_rmt.configuration_rmt import backbone_position_limit, segment_overhead
+from modeling_rmt.memory import backbone_layers
 
 LAYOUTS = {
     "encoder": "encoder RMT trainer checkpoint: mem_token_ids, cls_token, sep_token, model.<backbone>.*, "
@@ -48,10 +60,6 @@ DECODER_MEMORY, OUR_MEMORY = "memory_cell.memory", "memory.memory_tokens"
 ENCODER_BUFFERS = ("mem_token_ids", "cls_token", "sep_token")
 EMBEDDING_ALIAS = "model.embeddings.weight"  # the authors' handle on the (extended) word embeddings
 ARMT_KEY = re.compile(r"\.W_m[qkvb]\.(weight|bias)$")
-# Buffers older transformers saved in state dicts and current ones recompute or no longer have.
-LEGACY_BUFFERS = re.compile(
-    r"(^|\.)(attn\.bias|attn\.masked_bias|embeddings\.position_ids|embeddings\.token_type_ids|rotary_emb\.inv_freq)$"
-)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
@@ -111,6 +119,14 @@ def _memory_count(found: int, given: int | None) -> int:
 
 
 # ----- building the target ------------------------------------------------------------------------
+
+
+def _layers_path(text_config: PreTrainedConfig) -> str:
+    """Where a causal LM of this config keeps its list of layers (e.g. `model.layers`, `transformer.h`)."""
+    with torch.device("meta"):
+        backbone = AutoModelForCausalLM.from_config(text_config)
+    layers = backbone_layers(backbone)
+    return next(name for name, module in backbone.named_modules() if module is layers)
 
 
 def _input_embedding_key(model: RMTPreTrainedModel) -> str:
@@ -229,52 +245,6 @@ def _decoder(state: dict, text_config: PreTrainedConfig, options: dict, layout: 
     return model, mapped, source_of, unmapped, source_name
 
 
-def _recomputed_buffer(model: torch.nn.Module, key: str, value: torch.Tensor, source: str, notes: list[str]) -> bool:
-    """Whether `key` is a buffer the backbone computes itself (checked equal) or one older transformers saved."""
-    try:
-        buffer = model.get_buffer(key)
-    except AttributeError:
-        buffer = None
-    if buffer is not None:
-        same = buffer.shape == value.shape and (
-            torch.allclose(buffer.float(), value.float(), rtol=1e-5, atol=1e-6)
-            if value.is_floating_point()
-            else torch.equal(buffer, value.to(buffer.dtype))
-        )
-        if not same:
-            raise ValueError(
-                f"{source} differs from the {key} buffer the backbone computes: check --backbone's config."
-            )
-        notes.append(f"{source}: a buffer the backbone recomputes, checked equal")
-        return True
-    if LEGACY_BUFFERS.search(key):
-        notes.append(f"{source}: a buffer older transformers saved; this version has none")
-        return True
-    return False
-
-
-def _fill_tied(target: Mapping[str, torch.Tensor], mapped: dict, notes: list[str]) -> None:
-    """Weights the model ties (e.g. lm_head to wte): one given fills the others; all given must agree."""
-    groups: dict[tuple, list[str]] = {}
-    for key, tensor in target.items():
-        if tensor.numel():
-            groups.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.stride()), []).append(key)
-    for keys in groups.values():
-        given = [key for key in keys if key in mapped]
-        if len(keys) < 2 or not given:
-            continue
-        for key in given[1:]:
-            if not torch.equal(mapped[key], mapped[given[0]]):
-                raise ValueError(
-                    f"The backbone config ties {key} to {given[0]} but the checkpoint holds different values for them; "
-                    "pass a --backbone config with tie_word_embeddings=False."
-                )
-        for key in keys:
-            if key not in mapped:
-                mapped[key] = mapped[given[0]]
-                notes.append(f"{key}: tied to {given[0]} (absent from the checkpoint)")
-
-
 def convert_state_dict(
     state: Mapping[str, torch.Tensor],
     text_config: PreTrainedConfig,
@@ -284,13 +254,17 @@ def convert_state_dict(
     segment_size: int | None = None,
     armt_num_heads: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    lora_alpha: float | None = None,
     **config_kwargs: Any,
 ) -> tuple[RMTPreTrainedModel, ConversionReport]:
-    """Build our model for an authors' state dict and load every weight with strict checking.
+    """Build our model for an authors' state dict and load every weight with strict checking. The newer
+    layouts (`conversion.authors_keys`) are read too; unmerged LoRA weights need `lora_alpha`.
 
     Raises ValueError naming any source key that maps to nothing and any weight the checkpoint lacks.
     """
-    state, text_config = dict(state), copy.deepcopy(text_config)
+    state, text_config, notes = dict(state), copy.deepcopy(text_config), []
+    copies = any(LAYER_COPY.match(key) for key in state)
+    state = normalize_authors_keys(state, _layers_path(text_config) if copies else "", lora_alpha, notes)
     detected = _detect(state)
     layout = detect_layout(state) if layout == "auto" else layout
     if layout not in LAYOUTS:
@@ -302,7 +276,6 @@ def convert_state_dict(
         )
     options = dict(num_mem_tokens=num_mem_tokens, segment_size=segment_size, armt_num_heads=armt_num_heads,
                    tokenizer=tokenizer, config_kwargs=config_kwargs)  # fmt: skip
-    notes: list[str] = []
     required = ("mem_token_ids",) if layout == "encoder" else (DECODER_MEMORY,)
     if any(key not in state for key in required) or (layout == "armt" and detected != "armt"):
         raise ValueError(f"The checkpoint is not in the {layout} layout ({LAYOUTS[layout]}); it looks like "
@@ -314,7 +287,7 @@ def convert_state_dict(
     target = model.state_dict()
     for key in [key for key in mapped if key not in target]:
         value = mapped.pop(key)
-        if not _recomputed_buffer(model, key, value, source_of[key], notes):
+        if not recomputed_buffer(model, key, value, source_of[key], notes):
             unmapped.append(source_of[key])
     if unmapped:
         hint = f" (the keys look like the {detected} layout)" if detected not in (None, layout) else ""
@@ -322,7 +295,7 @@ def convert_state_dict(
             f"{len(unmapped)} checkpoint key(s) map to nothing in {type(model).__name__} ({layout} layout){hint}: "
             f"{', '.join(unmapped)}."
         )
-    _fill_tied(target, mapped, notes)
+    fill_tied(target, mapped, notes)
     missing = [key for key in target if key not in mapped]
     if missing:
         named = ", ".join(f"{source_name(key)} (for {key})" for key in missing)
@@ -344,25 +317,37 @@ def convert_authors_checkpoint(
     source: str | Path,
     output_dir: str | Path,
     *,
-    backbone: str | Path | PreTrainedConfig,
+    backbone: str | Path | PreTrainedConfig | None = None,
     layout: str = "auto",
     tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
     **kwargs: Any,
 ) -> tuple[RMTPreTrainedModel, ConversionReport]:
     """Convert `source` and save config (with auto_map), code, safetensors and the tokenizer to `output_dir`.
 
-    The tokenizer is `tokenizer` if given, else the backbone folder's own if it has one, else none.
+    A config.json beside the weights (InnerLoopARMT's, or the RecurrentWrapper's arguments) supplies the settings
+    it records, and InnerLoopARMT's the backbone; `backbone` is needed otherwise. The tokenizer is `tokenizer` if
+    given, else the backbone folder's own if it has one, else none.
     """
     output_dir = Path(output_dir)
     refuse_non_empty(output_dir)
     state = load_authors_checkpoint(source)
-    text_config = backbone if isinstance(backbone, PreTrainedConfig) else AutoConfig.from_pretrained(str(backbone))
+    found, found_backbone, note = source_config(source)
+    kwargs = merged_settings(kwargs, found)
+    if backbone is None and found_backbone is None:
+        raise ValueError("The checkpoint does not record its backbone: pass backbone / --backbone (an AutoConfig id "
+                         "or folder, or a model folder).")  # fmt: skip
+    if backbone is None:
+        text_config = found_backbone
+    else:
+        text_config = backbone if isinstance(backbone, PreTrainedConfig) else AutoConfig.from_pretrained(str(backbone))
     if tokenizer is None and isinstance(backbone, (str, Path)) and Path(backbone).is_dir():
         if any((Path(backbone) / name).is_file() for name in TOKENIZER_FILES):
             tokenizer = backbone
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     model, report = convert_state_dict(state, text_config, layout=layout, tokenizer=tokenizer, **kwargs)
+    if note:
+        report.notes.insert(0, note)
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
@@ -409,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
                         "model.safetensors, or a sharded checkpoint's *.index.json) or its folder")  # fmt: skip
     parser.add_argument("output_dir")
     parser.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto")
-    parser.add_argument("--backbone", required=True, help="the backbone's AutoConfig id or folder, or a model folder")
+    parser.add_argument("--backbone", default=None, help="the backbone's AutoConfig id or folder, or a model "
+                        "folder (not needed where the checkpoint's config.json holds it: InnerLoopARMT's)")  # fmt: skip
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the backbone folder's)")
     parser.add_argument("--num-mem-tokens", type=count(1), default=None, help="checked against the checkpoint")
     parser.add_argument(
@@ -421,9 +407,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="ARMT: whether the checkpoint's code L2-normalised phi(q), phi(k) (the authors' code "
                         "from 2024-08-28 on: yes; the paper's GPT-2 checkpoints: no); required for ARMT")  # fmt: skip
     parser.add_argument("--max-n-segments", type=count(1), default=None)
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA's alpha, for a checkpoint holding "
+                        "unmerged LoRA weights (merged: W + alpha / r * B A; the authors' runs: 32)")  # fmt: skip
     args = parser.parse_args(argv)
     kwargs: dict[str, Any] = dict(num_mem_tokens=args.num_mem_tokens, segment_size=args.segment_size,
-                                  armt_num_heads=args.armt_num_heads, max_n_segments=args.max_n_segments)  # fmt: skip
+                                  armt_num_heads=args.armt_num_heads, max_n_segments=args.max_n_segments,
+                                  lora_alpha=args.lora_alpha)  # fmt: skip
     kwargs.update({} if args.armt_correction else {"armt_correction": False})
     if args.armt_normalize_features is not None:
         kwargs["armt_normalize_features"] = args.armt_normalize_features
