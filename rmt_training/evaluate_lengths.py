@@ -9,10 +9,11 @@ A classifier (`RMTForSequenceClassification`) is scored on its predicted label. 
 its segments (as in training) and generates greedily; its answer is scored by BABILong's rule.
 
 Documents are built from held-out seeds on held-out noise (Milton by default; training used Shakespeare).
-Every finished (task, length) cell is written to the results JSON at once, and a rerun skips the cells
-already there, so a long evaluation can stop and go on; one results file holds one checkpoint (by the
-SHA-256 of its weights), seed and noise corpus. `--run` starts a new file with the training run's
-description for `model_cards.generate`; `--plot` draws accuracy against tokens.
+Every finished (task, length, noise, dtype) cell is written to the results JSON at once, and a rerun skips the
+cells already there, so a long evaluation can stop and go on; one results file holds one checkpoint (by the
+SHA-256 of its weights) and seed, measured on one or more noise corpora (`--noise`) and dtypes (`--dtype`).
+`--run` starts a new file with the training run's description for `model_cards.generate`; `--plot` draws
+accuracy against tokens.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def checkpoint_identity(checkpoint: str | Path) -> dict[str, str]:
 
 
 def check_same_run(results: dict, measured: dict) -> None:
-    """Cells of one results file come from one checkpoint, seed and noise corpus; refuse to mix. The checkpoint is
+    """Cells of one results file come from one checkpoint and seed; refuse to mix. The checkpoint is
     compared by its tensors (`tensors_sha256`), or by its files' SHA-256 where a results file predates that."""
     recorded = results.setdefault("evaluated", measured)
     compared = [key for key in measured if key != "weights_sha256" or "tensors_sha256" not in recorded]
@@ -201,13 +202,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.run and "name" not in results:
         name = args.name or args.run.resolve().parent.name
         results = {**describe_run(read_run(args.run), name, args.repo_id or f"ORG/{name}", args.hardware), **results}
-    check_same_run(results, {**checkpoint_identity(args.checkpoint), "seed": args.seed, "noise": args.noise})
+    check_same_run(results, {**checkpoint_identity(args.checkpoint), "seed": args.seed})
     cells = results.setdefault("evaluation", [])
-    done = {(cell["task"], cell["num_tokens"], cell["noise"]) for cell in cells}
+    done = {(cell["task"], cell["num_tokens"], cell["noise"], cell["dtype"]) for cell in cells}
     for task in args.tasks:
         for segments, count in zip(args.segments, samples, strict=True):
             num_tokens = segments * model.config.segment_size
-            if (task, num_tokens, args.noise) in done:
+            if (task, num_tokens, args.noise, args.dtype) in done:
                 continue
             correct, seconds = evaluate_cell(model, tokenizer, noise, task, num_tokens, count, args.batch_size,
                                              args.seed)  # fmt: skip
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
             cells.append({"task": task, "noise": args.noise, "num_tokens": num_tokens, "segments": segments,
                           "samples": count, "correct": correct, "accuracy": correct / count, "ci95": [low, high],
                           "seconds": round(seconds, 1), "device": args.device, "dtype": args.dtype})  # fmt: skip
-            cells.sort(key=lambda cell: (cell["task"], cell["num_tokens"]))
+            cells.sort(key=lambda cell: (cell["task"], cell["noise"], cell["dtype"], cell["num_tokens"]))
             save_results(args.results, results)
             print(f"{task:16s} {num_tokens:>10,} tokens ({segments:,} segments): {correct}/{count} = "
                   f"{correct / count:.3f} [{low:.3f}, {high:.3f}] in {seconds:,.0f} s")  # fmt: skip

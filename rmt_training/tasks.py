@@ -7,8 +7,9 @@
   answer is where the person asked about went last.
 
 Facts follow bAbI templates ("Mary travelled to the office." / "Where is Mary?"); the answer is one of
-six places. Noise is Project Gutenberg text shipped with this package (`noise/`): Shakespeare for
-training, Milton as held-out noise. Lengths are counted in tokens of the tokenizer given, and every
+six places. Noise is text shipped with this package (`noise/`): Project Gutenberg's Shakespeare for
+training, Milton as held-out noise, and Python's documentation (technical prose, PSF License) as held-out noise of
+another genre. Lengths are counted in tokens of the tokenizer given, and every
 sample is a pure function of (task, seed, index, length), so any sample can be rebuilt on its own.
 """
 
@@ -34,7 +35,7 @@ VALIDATION_SEED_OFFSET = 1_000_003
 HELD_OUT_SEED = 2_000_003
 QA1_FACTS = (2, 8)  # a qa1 story has this many movements (inclusive range)
 NOISE_FOLDER = Path(__file__).parent / "noise"
-NOISE_CORPORA = ("shakespeare", "milton")
+NOISE_CORPORA = ("shakespeare", "milton", "python_docs")
 ID2LABEL = dict(enumerate(PLACES))
 LABEL2ID = {place: index for index, place in ID2LABEL.items()}
 

@@ -273,8 +273,16 @@ def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tm
     kept = results_path.read_text()
     with pytest.raises(SystemExit, match="another seed"):  # cells of another measurement never mix in
         evaluate_main([*common, "--segments", "2", "--samples", "2", "--seed", "7"])
-    with pytest.raises(SystemExit, match="another noise"):
-        evaluate_main([*common, "--segments", "2", "--samples", "2", "--noise", "shakespeare"])
+    other = evaluate_main([*common, "--segments", "1", "--samples", "3", "--noise", "python_docs"])  # another genre
+    assert [(c["noise"], c["samples"]) for c in other["evaluation"]] == [
+        ("milton", 5),
+        ("milton", 4),
+        ("python_docs", 3),
+    ]
+    mixed = render_card(validate(other))  # one curve per (task, noise): the table's columns, the plot's lines
+    assert "| tokens | segments | memorize, milton | memorize, python_docs |" in mixed
+    assert "the Python documentation" in mixed and "the Python documentation" not in card
+    results_path.write_text(kept)
     with pytest.raises(SystemExit, match="validation seed of a run trained with --seed 0"):  # not held out
         evaluate_main([str(final), "--results", str(tmp_path / "leak.json"), "--segments", "1", "--samples", "2",
                        "--run", str(final), "--seed", str(VALIDATION_SEED_OFFSET)])  # fmt: skip

