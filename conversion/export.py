@@ -67,6 +67,7 @@ HUB_FILES: tuple[str, ...] = (
     "pretrained.py",
     "outputs.py",
     "memory.py",
+    "associative.py",
     "layout.py",
     "segmenting.py",
     "generation.py",

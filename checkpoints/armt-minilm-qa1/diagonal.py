@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .associative import associative_read, associative_write
 from .grouping import LayerClasses
-from .memory import AssociativeMemory, AssociativeState, associative_read, associative_write, backbone_layers
+from .memory import AssociativeMemory, AssociativeState, backbone_layers
 
 if TYPE_CHECKING:
     from .layout import BackboneCall
