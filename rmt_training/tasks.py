@@ -9,7 +9,8 @@
 Facts follow bAbI templates ("Mary travelled to the office." / "Where is Mary?"); the answer is one of
 six places. Noise is text shipped with this package (`noise/`): Project Gutenberg's Shakespeare for
 training, Milton as held-out noise, and Python's documentation (technical prose, PSF License) as held-out noise of
-another genre. Lengths are counted in tokens of the tokenizer given, and every
+another genre; numpy's, SciPy's and scikit-learn's docstrings (BSD-3-Clause) are technical prose to train on
+(`shakespeare+library_docs` mixes the two genres). Lengths are counted in tokens of the tokenizer given, and every
 sample is a pure function of (task, seed, index, length), so any sample can be rebuilt on its own.
 """
 
@@ -35,14 +36,19 @@ VALIDATION_SEED_OFFSET = 1_000_003
 HELD_OUT_SEED = 2_000_003
 QA1_FACTS = (2, 8)  # a qa1 story has this many movements (inclusive range)
 NOISE_FOLDER = Path(__file__).parent / "noise"
-NOISE_CORPORA = ("shakespeare", "milton", "python_docs")
+NOISE_CORPORA = ("shakespeare", "milton", "python_docs", "library_docs")
 ID2LABEL = dict(enumerate(PLACES))
 LABEL2ID = {place: index for index, place in ID2LABEL.items()}
 
 
 @functools.lru_cache(maxsize=4)
 def noise_sentences(corpus: str = "shakespeare") -> tuple[str, ...]:
-    """Sentences of a shipped noise corpus, without any that name a person of the facts."""
+    """Sentences of a shipped noise corpus, without any that name a person of the facts. `a+b` mixes corpora in
+    equal shares: each one's sentences repeated to the largest one's count (documents draw sentences uniformly)."""
+    if "+" in corpus:
+        parts = [noise_sentences(part) for part in corpus.split("+")]
+        largest = max(len(part) for part in parts)
+        return tuple(sentence for part in parts for sentence in part * round(largest / len(part)))
     path = NOISE_FOLDER / f"{corpus}.txt.gz" if corpus in NOISE_CORPORA else Path(corpus)
     if not path.is_file():
         raise FileNotFoundError(f"No noise corpus {corpus!r}: use one of {NOISE_CORPORA} or a .txt.gz file path.")

@@ -91,6 +91,17 @@ def test_noise_never_names_the_people_of_the_facts_and_the_held_out_corpus_is_di
     assert not set(shakespeare) & set(milton)
 
 
+def test_technical_prose_corpora_are_disjoint_and_mix_with_literature_in_equal_shares():
+    held_out, training = noise_sentences("python_docs"), noise_sentences("library_docs")
+    assert len(held_out) > 3_000 and len(training) > 3_000
+    assert not set(held_out) & set(training)  # the genre's evaluation text is not trained on
+    assert not any(name in sentence for sentence in held_out + training for name in NAMES)
+    assert not any(mark in sentence for sentence in held_out + training for mark in (">>>", "==", "__"))  # no code
+    mixed = noise_sentences("shakespeare+library_docs")
+    share = sum(sentence in set(training) for sentence in mixed) / len(mixed)
+    assert 0.45 < share < 0.55 and set(mixed) == set(noise_sentences("shakespeare")) | set(training)
+
+
 def test_a_length_too_short_for_the_facts_is_a_clear_error(tokenizer, noise):
     with pytest.raises(ValueError, match="cannot hold its facts and question.*at least"):
         make_sample("reasoning", noise, tokenizer, 10, seed=0, index=0)

