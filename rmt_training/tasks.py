@@ -4,7 +4,8 @@
 - detect_memorize: one fact at a random sentence boundary;
 - reasoning: two facts at random boundaries (bAbI two-argument relations); the answer needs both;
 - qa1: BABILong's first task: a story of several people moving, in order at random boundaries; the
-  answer is where the person asked about went last.
+  answer is where the person asked about went last;
+- no_fact: "Where is Mary?" over noise alone, with no fact: the answer is `unknown` (a classifier's 7th label).
 
 Facts follow bAbI templates ("Mary travelled to the office." / "Where is Mary?"); the answer is one of
 six places. Noise is text shipped with this package (`noise/`): Project Gutenberg's Shakespeare for
@@ -29,7 +30,7 @@ NAMES = ("Mary", "John", "Daniel", "Sandra")
 VERBS = ("travelled to", "went to", "moved to", "journeyed to", "went back to")
 PLACES = ("office", "bathroom", "garden", "hallway", "kitchen", "bedroom")
 DIRECTIONS = {"north": "south", "south": "north", "east": "west", "west": "east"}
-TASKS = ("memorize", "detect_memorize", "reasoning", "qa1")
+TASKS = ("memorize", "detect_memorize", "reasoning", "qa1", "no_fact")
 # Document streams by seed: a training run's `seed`, its validation `seed + VALIDATION_SEED_OFFSET`, and
 # evaluation `HELD_OUT_SEED` (on held-out noise as well); `check_held_out` keeps them apart.
 VALIDATION_SEED_OFFSET = 1_000_003
@@ -39,6 +40,9 @@ NOISE_FOLDER = Path(__file__).parent / "noise"
 NOISE_CORPORA = ("shakespeare", "milton", "python_docs", "library_docs")
 ID2LABEL = dict(enumerate(PLACES))
 LABEL2ID = {place: index for index, place in ID2LABEL.items()}
+# The answer to a question the document does not answer (task no_fact), a classifier's 7th label.
+UNKNOWN = "unknown"
+ID2LABEL_WITH_UNKNOWN = {**ID2LABEL, len(PLACES): UNKNOWN}
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,6 +107,8 @@ def task_facts(task: str, rng: np.random.Generator) -> tuple[list[str], str, str
         if rng.integers(2):  # read a fact directly
             return facts, f"What is {toward_first} of the {hub}?", first
         return facts, f"What is the {hub} {DIRECTIONS[toward_second]} of?", second  # invert the other
+    if task == "no_fact":  # the question over noise alone: the document does not answer it
+        return [], f"Where is {NAMES[rng.integers(4)]}?", UNKNOWN
     raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
 
 
@@ -113,7 +119,7 @@ def make_sample(task: str, noise: TokenizedNoise, tokenizer, num_tokens: int, se
         raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
     rng = np.random.default_rng([seed, index, TASKS.index(task)])
     facts, question, target = task_facts(task, rng)
-    fact_ids = tokenizer(facts, add_special_tokens=False)["input_ids"]
+    fact_ids = tokenizer(facts, add_special_tokens=False)["input_ids"] if facts else []
     question_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
     budget = num_tokens - len(question_ids) - sum(len(ids) for ids in fact_ids)
     if budget < 0:
@@ -139,7 +145,8 @@ def make_sample(task: str, noise: TokenizedNoise, tokenizer, num_tokens: int, se
         pieces.insert(place, (fact, tokens))  # from the back (places are sorted), so earlier places stay valid
     ids = [token for _, tokens in pieces for token in tokens]
     text = " ".join(text for text, _ in pieces)
-    return TaskSample(text, question, target, LABEL2ID[target], ids + question_ids, facts)
+    label = len(PLACES) if target == UNKNOWN else LABEL2ID[target]
+    return TaskSample(text, question, target, label, ids + question_ids, facts)
 
 
 def with_special_tokens(tokenizer, ids: list[int]) -> list[int]:

@@ -58,10 +58,11 @@ from .decoder import (
     pad_token_id,
     prompt_tokenizer,
 )
+from .labels import add_unknown_label, labels_for
 from .options import RunOptions, RunTrainingArguments, parse_options
 from .run_record import LINEAGE_FILE, read_run
 from .snapshot import Rewarm, lambda_scheduler, last_complete_checkpoint, set_rates_at
-from .tasks import HELD_OUT_SEED, ID2LABEL, LABEL2ID, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
+from .tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -205,8 +206,12 @@ def model_to_continue(
     if args.dropout is not None:
         raise SystemExit("--dropout applies when starting from a backbone, not with --init-from.")
     if args.new_memory and not resuming:
-        return backbone_with_new_memory(args, model_class, source, config)
-    return model_class.from_pretrained(source, segment_size=args.segment_size, dtype=torch.float32)
+        model = backbone_with_new_memory(args, model_class, source, config)
+    else:
+        model = model_class.from_pretrained(source, segment_size=args.segment_size, dtype=torch.float32)
+    if args.head == "classification" and len(labels_for(args.tasks)) > model.config.num_labels:
+        add_unknown_label(model)  # a model of the six places goes on to no_fact documents
+    return model
 
 
 def backbone_with_new_memory(
@@ -272,8 +277,10 @@ def build_model(args: RunOptions, tokenizer, last: Path | None = None) -> RMTFor
     backbone_kwargs = {}
     if args.dropout is not None:
         backbone_kwargs = {"hidden_dropout_prob": args.dropout, "attention_probs_dropout_prob": args.dropout}
+    id2label = labels_for(args.tasks)
     return RMTForSequenceClassification.from_backbone(
-        args.backbone, tokenizer=tokenizer, num_labels=len(ID2LABEL), id2label=ID2LABEL, label2id=LABEL2ID,
+        args.backbone, tokenizer=tokenizer, num_labels=len(id2label), id2label=id2label,
+        label2id={label: index for index, label in id2label.items()},
         num_mem_tokens=args.num_mem_tokens, segment_size=args.segment_size, memory_type=args.memory_type,
         backbone_kwargs=backbone_kwargs,
     )  # fmt: skip

@@ -44,7 +44,7 @@ def test_documents_fill_the_length_asked_for_in_tokens_of_the_tokenizer(tokenize
         assert tokenizer(text, add_special_tokens=False).input_ids == sample.input_ids
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", [task for task in TASKS if task != "no_fact"])  # no_fact: test_unknown_label.py
 def test_the_answer_follows_from_the_facts_in_the_document(tokenizer, noise, task):
     for index in range(40):
         sample = make_sample(task, noise, tokenizer, 300, seed=3, index=index)
