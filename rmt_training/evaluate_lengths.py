@@ -10,7 +10,8 @@ its segments (as in training) and generates greedily; its answer is scored by BA
 
 Documents are built from held-out seeds on held-out noise (Milton by default; training used Shakespeare).
 Every finished (task, length, noise, dtype) cell is written to the results JSON at once, and a rerun skips the
-cells already there, so a long evaluation can stop and go on; one results file holds one checkpoint (by the
+cells already there; an unfinished cell's progress is kept after every batch (`unfinished`), and a rerun goes on
+from its next document, so a long evaluation can stop and go on; one results file holds one checkpoint (by the
 SHA-256 of its weights) and seed, measured on one or more noise corpora (`--noise`) and dtypes (`--dtype`).
 `--run` starts a new file with the training run's description for `model_cards.generate`; `--plot` draws
 accuracy against tokens.
@@ -19,12 +20,14 @@ accuracy against tokens.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -107,6 +110,18 @@ def save_results(path: Path, results: dict) -> None:
     temporary.replace(path)  # never leave a half-written results file
 
 
+def keep_progress(results: dict, path: Path | None, cell: dict, progress: dict | None) -> None:
+    """Record how far an unfinished cell got (`progress`: done, correct, seconds) under `unfinished`, and save the
+    results to `path`; with `progress` None, forget the cell's record (it finished)."""
+    unfinished = [entry for entry in results.get("unfinished", []) if entry["cell"] != cell]
+    unfinished += [{"cell": cell, **progress}] if progress is not None else []
+    results.pop("unfinished", None)
+    if unfinished:
+        results["unfinished"] = unfinished
+    if path is not None:
+        save_results(path, results)
+
+
 def is_decoder(model) -> bool:
     return type(model).__name__ == "RMTForCausalLM"
 
@@ -152,18 +167,30 @@ def cell_samples(task: str, noise, tokenizer, num_tokens: int, seed: int, indice
 
 
 @torch.no_grad()
-def evaluate_cell(model, tokenizer, noise, task: str, num_tokens: int, samples: int, batch_size: int, seed: int):
-    """Accuracy of `model` on `samples` documents that fill `num_tokens` tokens; returns (correct, seconds)."""
-    correct, start = 0, time.perf_counter()
+def evaluate_cell(
+    model, tokenizer, noise, task: str, num_tokens: int, samples: int, batch_size: int, seed: int,
+    partial: dict | None = None, on_batch: Callable[[dict], None] | None = None,
+) -> tuple[int, float]:  # fmt: skip
+    """Accuracy of `model` on `samples` documents that fill `num_tokens` tokens; returns (correct, seconds).
+    `partial` ({done, correct, seconds}) resumes a cell after its first `done` documents; `on_batch` gets that
+    record after every batch, to keep."""
+    partial = {
+        key: (partial or {"done": 0, "correct": 0, "seconds": 0.0})[key] for key in ("done", "correct", "seconds")
+    }
     score = decoder_correct if is_decoder(model) else classifier_correct
-    progress = tqdm(total=samples, desc=f"{task} {num_tokens:,} tokens", leave=False)
-    for first in range(0, samples, batch_size):
+    progress = tqdm(total=samples, initial=partial["done"], desc=f"{task} {num_tokens:,} tokens", leave=False)
+    for first in range(partial["done"], samples, batch_size):
+        start = time.perf_counter()
         indices = range(first, min(samples, first + batch_size))
         batch = cell_samples(task, noise, tokenizer, num_tokens, seed, indices, is_decoder(model))
-        correct += score(model, tokenizer, batch)
+        partial["correct"] += score(model, tokenizer, batch)
+        partial["done"] = indices.stop
+        partial["seconds"] = round(partial["seconds"] + time.perf_counter() - start, 1)
         progress.update(len(batch))
+        if on_batch is not None and partial["done"] < samples:
+            on_batch(dict(partial))
     progress.close()
-    return correct, time.perf_counter() - start
+    return partial["correct"], partial["seconds"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,8 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
             num_tokens = segments * model.config.segment_size
             if (task, num_tokens, args.noise, args.dtype) in done:
                 continue
+            cell = {"task": task, "noise": args.noise, "dtype": args.dtype, "num_tokens": num_tokens, "samples": count}
+            kept = next((entry for entry in results.get("unfinished", []) if entry["cell"] == cell), None)
             correct, seconds = evaluate_cell(model, tokenizer, noise, task, num_tokens, count, args.batch_size,
-                                             args.seed)  # fmt: skip
+                                             args.seed, kept, functools.partial(keep_progress, results,
+                                                                                args.results, cell))  # fmt: skip
+            keep_progress(results, None, cell, None)
             low, high = wilson_interval(correct, count)
             cells.append({"task": task, "noise": args.noise, "num_tokens": num_tokens, "segments": segments,
                           "samples": count, "correct": correct, "accuracy": correct / count, "ci95": [low, high],

@@ -590,3 +590,29 @@ def test_decoder_answers_are_generated_from_left_padded_prompts_and_scored_by_th
     lengths = [len(s.input_ids) for s in batch]
     assert seen["mask"].sum(1).tolist() == lengths and (seen["mask"][:, -1] == 1).all()  # padded on the left
     assert seen["kwargs"]["do_sample"] is False and seen["kwargs"]["eos_token_id"] == end_token_id(tokenizer)
+
+
+def test_an_interrupted_length_cell_goes_on_from_its_last_batch(tiny_backbone, tmp_path, monkeypatch):
+    from rmt_training import evaluate_lengths
+
+    final = train_main(run_args(tiny_backbone, tmp_path / "rmt-tiny", "--max-steps", "2", "--stages", "1"))
+    common = [str(final), "--tasks", "memorize", "--segments", "2", "--samples", "7", "--batch-size", "3"]
+    whole = evaluate_lengths.main([*common, "--results", str(tmp_path / "whole.json")])["evaluation"][0]
+    calls, score = [], evaluate_lengths.classifier_correct
+
+    def stopped_after_two_batches(*args):
+        calls.append(len(args[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the process were stopped
+        return score(*args)
+
+    monkeypatch.setattr(evaluate_lengths, "classifier_correct", stopped_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_lengths.main([*common, "--results", str(tmp_path / "cut.json")])
+    (kept,) = json.loads((tmp_path / "cut.json").read_text())["unfinished"]
+    assert kept["done"] == 6 and kept["cell"]["samples"] == 7 and not json.loads(
+        (tmp_path / "cut.json").read_text()).get("evaluation")  # fmt: skip
+    calls.clear()
+    resumed = evaluate_lengths.main([*common, "--results", str(tmp_path / "cut.json")])
+    assert calls == [1]  # only the document not yet scored
+    assert resumed["evaluation"][0]["correct"] == whole["correct"] and "unfinished" not in resumed
