@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+from modeling_rmt.memory import backbone_layers
 
 CELL, CELL_MODEL, PEFT_PREFIX = "memory_cell.", "memory_cell.model.", "base_model.model."
 LAYER_COPY = re.compile(r"^memory_cell\.layers\.(\d+)\.(.+)$")
@@ -54,6 +58,12 @@ INNER_LOOP_NAMES = {"num_mem_tokens": "num_mem_tokens", "segment_size": "segment
 # RecurrentWrapper's keyword arguments (booydar's llm-pretrain branch); only segment_size changes inference.
 HUB_MIXIN_FIELDS = {"segment_size", "max_n_segments", "vary_n_segments", "k2", "segment_alignment",
                     "return_all_logits", "sliding_window"}  # fmt: skip
+
+
+def layers_path(backbone: nn.Module) -> str:
+    """Where a causal LM keeps its list of layers (e.g. `model.layers`, `transformer.h`)."""
+    layers = backbone_layers(backbone)
+    return next(name for name, module in backbone.named_modules() if module is layers)
 
 
 def is_inner_loop_config(config: Mapping[str, Any]) -> bool:
@@ -133,8 +143,11 @@ def _drop_layer_copies(state: dict[str, torch.Tensor], layers_path: str, notes: 
     return state
 
 
-def _merge_lora(state: dict[str, torch.Tensor], lora_alpha: float | None, notes: list[str]) -> dict[str, torch.Tensor]:
-    """PEFT's unmerged LoRA folded into the weights: W = W_base + (alpha / r) B A, per module."""
+def _merge_lora(
+    state: dict[str, torch.Tensor], lora_alpha: float | None, notes: list[str], transposed: Callable[[], bool]
+) -> dict[str, torch.Tensor]:
+    """PEFT's unmerged LoRA folded into the weights: W = W_base + (alpha / r) B A, per module. `transposed()`: the
+    backbone stores [in, out] weights (GPT-2's Conv1D), which PEFT adapts with fan_in_fan_out: refused."""
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key in list(state):
         if match := LORA.match(key):
@@ -152,12 +165,20 @@ def _merge_lora(state: dict[str, torch.Tensor], lora_alpha: float | None, notes:
         )
     if len(adapters) > 1:
         raise ValueError(f"The checkpoint holds several LoRA adapters ({', '.join(adapters)}); convert one at a time.")
+    if transposed():
+        raise ValueError("The backbone stores its linear weights transposed (GPT-2's Conv1D), which PEFT adapts with "
+                         "fan_in_fan_out: merging that LoRA is not implemented here.")  # fmt: skip
     for (module, _), pair in parts.items():
         base_key = next((k for k in (f"{module}.base_layer.weight", f"{module}.weight") if k in state), None)
         if base_key is None or set(pair) != {"A", "B"}:
             raise ValueError(f"LoRA on {module} lacks its base weight or one of lora_A / lora_B.")
         base = state.pop(base_key)
         lora_A, lora_B = pair["A"].float(), pair["B"].float()
+        if (lora_B.shape[0], lora_A.shape[1]) != tuple(base.shape):
+            raise ValueError(
+                f"LoRA on {module} does not merge as W + B A ({tuple(base.shape)} against B {tuple(lora_B.shape)}, "
+                f"A {tuple(lora_A.shape)}); the checkpoint does not fit its own LoRA weights."
+            )
         state[f"{module}.weight"] = (base.float() + (lora_alpha / lora_A.shape[0]) * lora_B @ lora_A).to(base.dtype)
         if (bias := state.pop(f"{module}.base_layer.bias", None)) is not None:
             state[f"{module}.bias"] = bias
@@ -167,23 +188,27 @@ def _merge_lora(state: dict[str, torch.Tensor], lora_alpha: float | None, notes:
 
 
 def normalize_authors_keys(
-    state: Mapping[str, torch.Tensor], layers_path: str, lora_alpha: float | None, notes: list[str]
+    state: Mapping[str, torch.Tensor], backbone: Callable[[], nn.Module], lora_alpha: float | None, notes: list[str]
 ) -> dict[str, torch.Tensor]:
-    """The state dict in the `memory_cell.memory` / `memory_cell.model.*` layout; `layers_path` is where the
-    backbone keeps its layer list (e.g. `model.layers`)."""
+    """The state dict in the `memory_cell.memory` / `memory_cell.model.*` layout. `backbone()` gives the causal LM
+    (on the meta device) whose layer list and weight layout the keys are read against, asked only when needed."""
     _check_not_implemented(state)
     state = _to_memory_cell(dict(state), notes)
-    state = _drop_layer_copies(state, layers_path, notes)
-    state = _merge_lora(state, lora_alpha, notes)
+    if any(LAYER_COPY.match(key) for key in state):
+        state = _drop_layer_copies(state, layers_path(backbone()), notes)
+    state = _merge_lora(state, lora_alpha, notes, lambda: any(isinstance(m, Conv1D) for m in backbone().modules()))
     if any(key.startswith(CELL_MODEL + PEFT_PREFIX) for key in state):
         notes.append("backbone keys under PEFT's base_model.model.: read without it")
         state = {key.replace(CELL_MODEL + PEFT_PREFIX, CELL_MODEL, 1): value for key, value in state.items()}
     return state
 
 
-def source_config(source: str | Path) -> tuple[dict[str, Any], PreTrainedConfig | None, str | None]:
+def source_config(
+    source: str | Path, backbone_given: bool = False
+) -> tuple[dict[str, Any], PreTrainedConfig | None, str | None]:
     """What a config.json beside the weights says: (our settings, the backbone's config where it holds one,
-    a note), from InnerLoopARMT's `ARMTConfig` or a PyTorchModelHubMixin config; ({}, None, None) otherwise."""
+    a note), from InnerLoopARMT's `ARMTConfig` or a PyTorchModelHubMixin config; ({}, None, None) otherwise.
+    A config that names its backbone only by id needs `backbone_given`."""
     source = Path(source)
     path = (source if source.is_dir() else source.parent) / "config.json"
     if not path.is_file():
@@ -198,10 +223,12 @@ def source_config(source: str | Path) -> tuple[dict[str, Any], PreTrainedConfig 
         backbone = config.get("base_model_config")
         if isinstance(backbone, dict) and "model_type" in backbone:
             backbone = AutoConfig.for_model(**backbone)
-        elif backbone is not None or config.get("base_model_name"):
+        elif (backbone is not None or config.get("base_model_name")) and not backbone_given:
             named = backbone or config.get("base_model_name")
             raise ValueError(f"{path} builds its backbone from {named!r}, which is not in the file: pass backbone / "
                              "--backbone (that id's config, or a folder holding it).")  # fmt: skip
+        else:
+            backbone = None  # the one given is used
         return inner_loop_settings(config), backbone, f"settings from {path.name} (InnerLoopARMT's ARMTConfig)"
     settings = hub_mixin_settings(config)
     if settings is None:

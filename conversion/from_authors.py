@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from conversion.authors_files import load_authors_checkpoint
 from conversion.authors_keys import (
-    LAYER_COPY,
     fill_tied,
     merged_settings,
     normalize_authors_keys,
@@ -47,7 +47,6 @@ from conversion.authors_keys import (
 from conversion.from_backbone import count, long_document_tokenizer, refuse_non_empty, run_or_exit, write_new_folder
 from modeling_rmt import RMTConfig, RMTForCausalLM, RMTForSequenceClassification, RMTPreTrainedModel
 from modeling_rmt.configuration_rmt import backbone_position_limit, segment_overhead
-from modeling_rmt.memory import backbone_layers
 
 LAYOUTS = {
     "encoder": "encoder RMT trainer checkpoint: mem_token_ids, cls_token, sep_token, model.<backbone>.*, "
@@ -121,12 +120,10 @@ def _memory_count(found: int, given: int | None) -> int:
 # ----- building the target ------------------------------------------------------------------------
 
 
-def _layers_path(text_config: PreTrainedConfig) -> str:
-    """Where a causal LM of this config keeps its list of layers (e.g. `model.layers`, `transformer.h`)."""
+def _meta_causal_lm(text_config: PreTrainedConfig) -> torch.nn.Module:
+    """A causal LM of this config on the meta device (its structure, no weights)."""
     with torch.device("meta"):
-        backbone = AutoModelForCausalLM.from_config(text_config)
-    layers = backbone_layers(backbone)
-    return next(name for name, module in backbone.named_modules() if module is layers)
+        return AutoModelForCausalLM.from_config(text_config)
 
 
 def _input_embedding_key(model: RMTPreTrainedModel) -> str:
@@ -263,8 +260,7 @@ def convert_state_dict(
     Raises ValueError naming any source key that maps to nothing and any weight the checkpoint lacks.
     """
     state, text_config, notes = dict(state), copy.deepcopy(text_config), []
-    copies = any(LAYER_COPY.match(key) for key in state)
-    state = normalize_authors_keys(state, _layers_path(text_config) if copies else "", lora_alpha, notes)
+    state = normalize_authors_keys(state, functools.cache(lambda: _meta_causal_lm(text_config)), lora_alpha, notes)
     detected = _detect(state)
     layout = detect_layout(state) if layout == "auto" else layout
     if layout not in LAYOUTS:
@@ -331,7 +327,7 @@ def convert_authors_checkpoint(
     output_dir = Path(output_dir)
     refuse_non_empty(output_dir)
     state = load_authors_checkpoint(source)
-    found, found_backbone, note = source_config(source)
+    found, found_backbone, note = source_config(source, backbone_given=backbone is not None)
     kwargs = merged_settings(kwargs, found)
     if backbone is None and found_backbone is None:
         raise ValueError("The checkpoint does not record its backbone: pass backbone / --backbone (an AutoConfig id "

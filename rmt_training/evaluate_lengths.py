@@ -87,6 +87,7 @@ def check_same_run(results: dict, measured: dict) -> None:
             f"({', '.join(f'{key}={recorded[key]}' for key in different)}): use a new --results file."
         )
     recorded.update(measured)
+    recorded.pop("noise", None)  # files before cells carried their noise named one corpus for all
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = load_model(args.checkpoint, args.dtype, args.device)
     args.tasks = args.tasks or (["qa1"] if is_decoder(model) else ["memorize", "detect_memorize"])
+    if is_decoder(model) and "no_fact" in args.tasks:
+        parser.error("no_fact is scored on a classifier's label unknown; a decoder's answers are scored as places")
     noise = TokenizedNoise(tokenizer, args.noise)
     results = load_results(args.results)
     if args.run and "name" not in results:

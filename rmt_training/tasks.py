@@ -48,7 +48,8 @@ ID2LABEL_WITH_UNKNOWN = {**ID2LABEL, len(PLACES): UNKNOWN}
 @functools.lru_cache(maxsize=4)
 def noise_sentences(corpus: str = "shakespeare") -> tuple[str, ...]:
     """Sentences of a shipped noise corpus, without any that name a person of the facts. `a+b` mixes corpora in
-    equal shares: each one's sentences repeated to the largest one's count (documents draw sentences uniformly)."""
+    about equal shares: each one's sentences repeated the whole number of times nearest to the largest one's count
+    (documents draw sentences uniformly; shakespeare+library_docs: 50/50)."""
     if "+" in corpus:
         parts = [noise_sentences(part) for part in corpus.split("+")]
         largest = max(len(part) for part in parts)

@@ -87,8 +87,11 @@ def recorded_settings(
 
 def check_fsdp_launch(trainer: Trainer) -> None:
     """`accelerate launch --use_fsdp` on processes without an accelerator gets DDP from accelerate, silently:
-    refuse it, with what to do instead."""
+    refuse it, with what to do instead. ARMT needs FSDP2 (its write is registered as an FSDP2 forward method)."""
     requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if requested and os.environ.get("FSDP_VERSION", "1") != "2" and trainer.model.config.memory_type == "armt":
+        raise SystemExit("ARMT trains under FSDP2 only (accelerate's default is FSDP1, whose flat parameters ARMT's "
+                         "memory write cannot read): add --fsdp_version 2.")  # fmt: skip
     if requested and not trainer.is_fsdp_enabled:
         raise SystemExit(
             f"accelerate was launched with FSDP, but it runs FSDP only on accelerator devices and would train these "

@@ -116,9 +116,10 @@ def test_a_layer_copy_that_differs_from_its_layer_is_refused(tmp_path):
 
 def test_the_hub_armt_wrapper_sharded_without_its_tied_head_converts(tmp_path):
     ours = armt("gpt2", normalize=True)  # GPT-2 ties lm_head to wte; the Hub save dropped the head
+    cell = MemoryCell(ours.backbone, ours.memory.memory_tokens, backbone_layers(ours.backbone))  # layers twice
     state = {f"armt.memory_cell.{k.removeprefix('memory_cell.')}": v.clone().contiguous()
-             for k, v in wrapper(MemoryCell(ours.backbone, ours.memory.memory_tokens)).state_dict().items()
-             if not k.endswith("lm_head.weight")}  # fmt: skip
+             for k, v in wrapper(cell).state_dict().items() if not k.endswith("lm_head.weight")}  # fmt: skip
+    assert "armt.memory_cell.layers.0.W_mq.weight" in state
     split = split_torch_state_dict_into_shards(
         state, filename_pattern="model{suffix}.safetensors", max_shard_size=20_000
     )
@@ -132,6 +133,7 @@ def test_the_hub_armt_wrapper_sharded_without_its_tied_head_converts(tmp_path):
                                                    segment_size=LM_SEGMENT, armt_normalize_features=True)  # fmt: skip
     assert any("Hub ARMTForCausalLM" in note for note in report.notes)
     assert any("tied to" in note for note in report.notes)
+    assert any("keys repeat the layers under memory_cell.model.transformer.h: checked equal" in n for n in report.notes)
     assert torch.equal(logits(converted), logits(ours))
 
 
@@ -182,10 +184,13 @@ def test_inner_loop_settings_this_armt_does_not_compute_are_refused_by_name(tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_sink_token_or_a_backbone_named_only_by_id_is_refused(tmp_path):
-    inner_loop_release(tmp_path / "named", base_model_config=None, base_model_name="meta-llama/Llama-3.2-1B")
+def test_a_sink_token_is_refused_and_a_backbone_named_only_by_id_is_asked_for(tmp_path):
+    ours = inner_loop_release(tmp_path / "named", base_model_config=None, base_model_name="meta-llama/Llama-3.2-1B")
     with pytest.raises(ValueError, match=r"'meta-llama/Llama-3.2-1B', which is not in the file: pass backbone"):
         convert_authors_checkpoint(tmp_path / "named", tmp_path / "out")
+    decoder_config("llama").save_pretrained(tmp_path / "backbone")  # that id's config, given
+    converted, _ = convert_authors_checkpoint(tmp_path / "named", tmp_path / "given", backbone=tmp_path / "backbone")
+    assert torch.equal(logits(converted), logits(ours))
     release = tmp_path / "sink"
     inner_loop_release(release)
     from safetensors.torch import load_file
@@ -213,3 +218,14 @@ def test_the_hub_mixin_rmt_takes_its_segment_size_from_config_json(tmp_path):
     assert report.layout == "decoder" and converted.config.segment_size == LM_SEGMENT
     assert "RecurrentWrapper's arguments" in report.notes[0]
     assert torch.equal(logits(converted), logits(ours))
+
+
+def test_lora_on_a_transposed_backbone_is_refused(tmp_path):
+    ours = armt("gpt2", normalize=False)  # GPT-2's Conv1D: PEFT adapts it with fan_in_fan_out
+    peft_backbone = get_peft_model(ours.backbone, LoraConfig(r=2, lora_alpha=8, target_modules=["c_attn"],
+                                                             fan_in_fan_out=True))  # fmt: skip
+    torch.save(wrapper(MemoryCell(peft_backbone, ours.memory.memory_tokens)).state_dict(), tmp_path / "lora.bin")
+    decoder_config("gpt2").save_pretrained(tmp_path / "backbone")
+    with pytest.raises(ValueError, match="transposed .*Conv1D.*fan_in_fan_out"):
+        convert_authors_checkpoint(tmp_path / "lora.bin", tmp_path / "out", backbone=tmp_path / "backbone",
+                                   segment_size=LM_SEGMENT, armt_normalize_features=False, lora_alpha=8)  # fmt: skip

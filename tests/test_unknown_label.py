@@ -55,6 +55,13 @@ def test_training_goes_on_from_six_places_to_no_fact_documents(tiny_backbone, tm
               "--num-mem-tokens", "4", "--batch-size", "4", "--eval-size", "8", "--eval-steps", "2", "--save-steps",
               "2", "--logging-steps", "1", "--warmup-steps", "0", "--lr", "1e-3", "--no-progress", "--max-steps", "2",
               "--stages", "1", "--tasks", "memorize", "no_fact"]  # fmt: skip
+    start = RMTForSequenceClassification.from_pretrained(six)
+    add_unknown_label(start)  # what the run starts from: the six rows as trained, then a new one
+    (rows,) = [value for key, value in start.state_dict().items() if key.endswith("classifier.weight")]
+    assert torch.equal(rows[:6], RMTForSequenceClassification.from_pretrained(six).state_dict()[
+        next(k for k in start.state_dict() if k.endswith("classifier.weight"))])  # fmt: skip
     seven = train_main(common)
     config = json.loads((seven / "config.json").read_text())
     assert config["id2label"]["6"] == "unknown" and len(config["id2label"]) == 7
+    trained = RMTForSequenceClassification.from_pretrained(seven).state_dict()
+    assert trained[next(k for k in trained if k.endswith("classifier.weight"))].shape[0] == 7
