@@ -13,7 +13,7 @@ import pytest
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from test_conversion_authors import LM_SEGMENT, LM_VOCAB, MEM, decoder_config
 
 from conversion.from_authors import convert_authors_checkpoint, main
@@ -193,8 +193,6 @@ def test_a_sink_token_is_refused_and_a_backbone_named_only_by_id_is_asked_for(tm
     assert torch.equal(logits(converted), logits(ours))
     release = tmp_path / "sink"
     inner_loop_release(release)
-    from safetensors.torch import load_file
-
     state = load_file(release / "model.safetensors") | {"sink": torch.zeros(1, 32)}
     save_file(state, release / "model.safetensors")  # a sink saved although the config says otherwise
     with pytest.raises(ValueError, match=r"holds sink: a learned sink token \(use_sink\)"):

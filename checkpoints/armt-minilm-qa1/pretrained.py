@@ -180,11 +180,9 @@ class RMTPreTrainedModel(PreTrainedModel):
         them in the model's own group rather than shard them in a group gathered only around that forward."""
         super().post_init()
         embeddings = self.get_input_embeddings()
-        self._no_split_modules = {
-            name
-            for name in self._no_split_modules
-            if not any(type(module).__name__ == name and embeddings in module.modules() for module in self.modules())
-        }
+        path = next(name for name, module in self.named_modules() if module is embeddings).split(".")
+        holders = {type(self.get_submodule(".".join(path[:depth]))).__name__ for depth in range(len(path))}
+        self._no_split_modules = set(self._no_split_modules) - holders
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:

