@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rmt_training.tasks import UNKNOWN
+
 NUMBER = (int, float)
 FIELDS: dict[str, Any] = {"weights_dtype": str, "loads_as": str, "labels": list, "names": list, "cpu": dict,
                           "speed": list, "no_answer": list}  # fmt: skip
@@ -108,9 +110,15 @@ def _no_answer(results: dict[str, Any], block: dict[str, Any]) -> list[str]:
     cells = block["no_answer"]
     first = cells[0]
     confidence = "the probability of the answer's first token" if decoder else "the top label's probability"
+    if UNKNOWN in block["labels"]:
+        opening = (f"Its label {UNKNOWN} says that the document does not answer: it was trained on documents of noise "
+                   "alone (task no_fact) beside the facts' documents.")  # fmt: skip
+    else:
+        opening = "It has no way to say that the document does not answer: " + (
+            "it still generates a place." if decoder else "it always answers one of its labels."
+        )
     lines = [
-        "It has no way to say that the document does not answer: "
-        + ("it still generates a place." if decoder else "it always answers one of its labels.")
+        opening
         + f" Measured on documents of held-out text ({first['noise'].capitalize()}, seed {first['seed']:,}) built "
         f"as in evaluation, with {' or with '.join(CASES[c] for c in dict.fromkeys(c['case'] for c in cells))}, in "
         f"{first['dtype']}; confidence is {confidence}, and the last two columns compare it with the same documents "

@@ -202,3 +202,17 @@ def test_a_decoder_card_quotes_lm_eval_beside_our_own_figure_on_the_same_documen
         validate(measured)
     del measured["harness"]
     assert "lm-evaluation-harness" not in render_card(measured)  # the section is optional
+
+
+def test_a_classifier_with_the_label_unknown_says_so_and_counts_its_unknown_answers():
+    measured = load_results(CARDS / "rmt-minilm.json")
+    block = measured["inference"]
+    block["labels"] = [*block["labels"], "unknown"]
+    for cell in block["no_answer"]:
+        if cell["case"] == "no_fact":
+            cell["answers"] = {"unknown": cell["samples"] - 1, "garden": 1}
+    section = render_card(measured).split("### When the document holds no answer", 1)[1].split("## Evaluation")[0]
+    assert "Its label unknown says that the document does not answer" in section
+    assert "it always answers one of its labels" not in section
+    no_fact = sum(cell["samples"] for cell in block["no_answer"] if cell["case"] == "no_fact")
+    assert f"With the facts taken out it answered unknown {no_fact - 2} times in {no_fact}." in section
