@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ TASK_DESCRIPTIONS = {
     "detect_memorize": "one fact at a random sentence boundary, the question at the end",
     "reasoning": "two facts at random sentence boundaries; the answer needs both",
     "qa1": "a story of 2-8 moves at random sentence boundaries; the answer is where the person asked about went last",
+    "no_fact": "the question over noise alone, no fact; the answer is the label unknown",
 }
 CITATIONS = """@inproceedings{bulatov2022recurrent,
   title = {Recurrent Memory Transformer},
@@ -235,27 +237,35 @@ def harness_section(results: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def measured_dtype(results: dict[str, Any]) -> str:
+    """The dtype most of the card's evaluation cells were measured in (float32 where none is recorded or on a tie):
+    the one its usage snippet loads, so a reader runs what the figures describe."""
+    counts = Counter(cell.get("dtype") or "float32" for cell in results["evaluation"])
+    return max(sorted(counts, key=lambda dtype: dtype != "float32"), key=counts.get)
+
+
 def _usage(results: dict[str, Any]) -> str:
-    repo = results["repo_id"]
+    dtype = measured_dtype(results)
+    opening = (
+        "```python\nimport torch\nfrom transformers import {model_class}, AutoTokenizer, pipeline\n\n"
+        f"# {dtype}: the dtype of its evaluation below (see Precision and speed for others)\n"
+        f'repo, dtype = "{results["repo_id"]}", torch.{dtype}\n'
+        "model = {model_class}.from_pretrained(repo, trust_remote_code=True, dtype=dtype)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)\n"
+    )
     if results["pipeline_tag"] == "text-generation":
-        return (
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)\n'
+        return opening.format(model_class="AutoModelForCausalLM") + (
             'inputs = tokenizer(long_prompt, return_tensors="pt")\n'
             "output = model.generate(**inputs, max_new_tokens=100)  # memory keeps being written while decoding\n"
             "print(tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))\n\n"
             "# or, with a pipeline (the prompt is read whole, segment by segment; the pipeline samples\n"
             "# unless told not to):\n"
-            f'generator = pipeline("text-generation", model="{repo}", trust_remote_code=True)\n'
+            'generator = pipeline("text-generation", model=repo, trust_remote_code=True, dtype=dtype)\n'
             "answer = generator(long_prompt, max_new_tokens=100, do_sample=False, return_full_text=False)\n"
             'print(answer[0]["generated_text"])\n```'
         )
-    return (
-        "```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline\n\n"
-        f'model = AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True)\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)\n\n'
-        f'classifier = pipeline("text-classification", model="{repo}", trust_remote_code=True)\n'
+    return opening.format(model_class="AutoModelForSequenceClassification") + (
+        '\nclassifier = pipeline("text-classification", model=repo, trust_remote_code=True, dtype=dtype)\n'
         "classifier(long_document)  # no truncation: the model reads it segment by segment\n```"
     )
 

@@ -19,6 +19,7 @@ TEST_SEED = 5_000_011  # documents neither training, validation, the length eval
 # Every committed checkpoint, with the Auto class its config maps to the remote code.
 COMMITTED = {
     "rmt-minilm": ("AutoModelForSequenceClassification", "RMTForSequenceClassification"),
+    "rmt-minilm-unknown": ("AutoModelForSequenceClassification", "RMTForSequenceClassification"),
     "rmt-minilm-qa1": ("AutoModelForCausalLM", "RMTForCausalLM"),
     "armt-minilm-qa1": ("AutoModelForCausalLM", "RMTForCausalLM"),
 }
@@ -89,3 +90,20 @@ def test_the_text_classification_pipeline_reads_a_long_document_whole():
     sample = make_sample("memorize", TokenizedNoise(classifier.tokenizer, "milton"), classifier.tokenizer, 3_000,
                          TEST_SEED, 99)  # fmt: skip
     assert classifier(f"{sample.input} {sample.question}")[0]["label"] == sample.target
+
+
+def test_the_unknown_classifier_answers_unknown_without_a_fact_and_the_place_with_one():
+    folder = CHECKPOINTS / "rmt-minilm-unknown"
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert model.config.id2label[6] == "unknown" and model.config.num_labels == 7
+    noise = TokenizedNoise(tokenizer, "milton")
+    for task, least_correct in [("no_fact", 19), ("detect_memorize", 17)]:
+        samples = [make_sample(task, noise, tokenizer, 7 * model.config.segment_size, TEST_SEED, i) for i in range(20)]
+        rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in samples]
+        inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+        with torch.no_grad():
+            predicted = model(**inputs).logits.argmax(-1)
+        labels = torch.tensor([sample.label for sample in samples])
+        assert (labels == 6).all() == (task == "no_fact")
+        assert int((predicted == labels).sum()) >= least_correct, task

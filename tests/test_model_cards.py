@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model_cards.generate import ResultsError, generate, load_results, main, plot_accuracy, render_card, validate
+from model_cards.generate import (
+    ResultsError,
+    generate,
+    load_results,
+    main,
+    measured_dtype,
+    plot_accuracy,
+    render_card,
+    validate,
+)
 
 EXAMPLE = Path(__file__).parents[1] / "model_cards" / "example_results.json"
 
@@ -64,8 +73,9 @@ def test_the_table_has_every_length_and_task_and_the_usage_loads_remote_code(res
         assert f"| {entry['segments']} |" in row and f"{entry['accuracy']:.1%} (n={entry['samples']})" in row
     assert rows["3,565"].endswith("| - |")  # detect_memorize was not evaluated at that length
     repo = results["repo_id"]
-    assert f'AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True)' in body
-    assert f'pipeline("text-classification", model="{repo}", trust_remote_code=True)' in body
+    assert f'repo, dtype = "{repo}", torch.float32' in body  # its cells were measured in float32
+    assert "AutoModelForSequenceClassification.from_pretrained(repo, trust_remote_code=True, dtype=dtype)" in body
+    assert 'pipeline("text-classification", model=repo, trust_remote_code=True, dtype=dtype)' in body
     assert f"![Accuracy by document length]({results['plot']})" in body
     assert results["training"]["command"] in body and "Recurrent Memory Transformer" in body
     assert all(f"- {item}" in body for item in results["limitations"])
@@ -77,7 +87,7 @@ def test_a_causal_lm_card_generates_and_an_armt_card_cites_armt(results):
     results["config"]["memory_type"] = "armt"
     metadata, body = split_card(render_card(results))
     assert metadata["pipeline_tag"] == "text-generation" and "armt" in metadata["tags"]
-    assert 'AutoModelForCausalLM.from_pretrained("example-org/rmt-example", trust_remote_code=True)' in body
+    assert "AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, dtype=dtype)" in body
     assert "model.generate(" in body and "Associative Recurrent Memory Transformer" in body
     assert "an associative memory in every layer" in body and "memory tokens carry" not in body
     results["model_class"] = "RMTForSequenceClassification"
@@ -146,7 +156,7 @@ def test_plot_accuracy_draws_a_png_beside_the_card(results, tmp_path):
 CARDS = Path(__file__).parents[1] / "model_cards"
 
 
-@pytest.mark.parametrize("name", ["rmt-minilm", "rmt-minilm-qa1", "armt-minilm-qa1"])
+@pytest.mark.parametrize("name", ["rmt-minilm", "rmt-minilm-unknown", "rmt-minilm-qa1", "armt-minilm-qa1"])
 def test_each_card_says_how_to_ask_what_dtype_loads_and_what_it_answers_without_an_answer(name):
     measured = load_results(CARDS / f"{name}.json")
     block = measured["inference"]
@@ -168,6 +178,10 @@ def test_each_card_says_how_to_ask_what_dtype_loads_and_what_it_answers_without_
         assert all(cell["answers"] == {"garden": cell["samples"]} for cell in no_fact)
         assert all(0.95 < cell["confidence_mean"] for cell in no_fact)
         assert "it always answers one of its labels" in section and "`[CLS]`" in section
+    elif name == "rmt-minilm-unknown":  # trained to say so (task no_fact)
+        no_fact = [cell for cell in block["no_answer"] if cell["case"] == "no_fact"]
+        assert all(cell["answers"].get("unknown", 0) >= 0.9 * cell["samples"] for cell in no_fact)
+        assert "Its label unknown says that the document does not answer" in section and "`[CLS]`" in section
     else:
         assert "it still generates a place" in section and "no special tokens" in section
 
@@ -216,3 +230,18 @@ def test_a_classifier_with_the_label_unknown_says_so_and_counts_its_unknown_answ
     assert "it always answers one of its labels" not in section
     no_fact = sum(cell["samples"] for cell in block["no_answer"] if cell["case"] == "no_fact")
     assert f"With the facts taken out it answered unknown {no_fact - 2} times in {no_fact}." in section
+
+
+def test_the_usage_snippet_loads_the_dtype_the_card_was_measured_in():
+    measured = load_results(CARDS / "armt-minilm-qa1.json")
+    usage = render_card(measured).split("## Usage", 1)[1].split("## ", 1)[0]
+    dtypes = [cell.get("dtype", "float32") for cell in measured["evaluation"]]
+    most = max(set(dtypes), key=dtypes.count)
+    assert f'repo, dtype = "{measured["repo_id"]}", torch.{most}\n' in usage
+    assert usage.count("trust_remote_code=True, dtype=dtype)") == 2  # the model and the pipeline
+    for cell in measured["evaluation"]:
+        cell["dtype"] = "float16" if cell is measured["evaluation"][0] else "float32"
+    assert measured_dtype(measured) == "float32"
+    measured["evaluation"] = measured["evaluation"][:2]
+    measured["evaluation"][0]["dtype"] = "bfloat16"  # one bfloat16 cell, one float32 cell
+    assert measured_dtype(measured) == "float32"  # a tie: float32
