@@ -248,7 +248,7 @@ def _usage(results: dict[str, Any]) -> str:
     dtype = measured_dtype(results)
     opening = (
         "```python\nimport torch\nfrom transformers import {model_class}, AutoTokenizer, pipeline\n\n"
-        f"# {dtype}: the dtype of its evaluation below (see Precision and speed for others)\n"
+        f"# {dtype}: the dtype its evaluation below was measured in\n"
         f'repo, dtype = "{results["repo_id"]}", torch.{dtype}\n'
         "model = {model_class}.from_pretrained(repo, trust_remote_code=True, dtype=dtype)\n"
         "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)\n"
