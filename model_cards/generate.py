@@ -241,7 +241,7 @@ def measured_dtype(results: dict[str, Any]) -> str:
     """The dtype most of the card's evaluation cells were measured in (float32 where none is recorded or on a tie):
     the one its usage snippet loads, so a reader runs what the figures describe."""
     counts = Counter(cell.get("dtype") or "float32" for cell in results["evaluation"])
-    return max(sorted(counts, key=lambda dtype: dtype != "float32"), key=counts.get)
+    return max(counts, key=lambda dtype: (counts[dtype], dtype == "float32"))
 
 
 def _usage(results: dict[str, Any]) -> str:

@@ -100,6 +100,15 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def cell_key(cell: dict) -> tuple:
+    """What identifies a cell of a results file: (task, num_tokens, noise, dtype)."""
+    return cell["task"], cell["num_tokens"], cell["noise"], cell["dtype"]
+
+
+def sort_cells(cells: list[dict]) -> None:
+    cells.sort(key=lambda cell: (cell["task"], cell["noise"], cell["dtype"], cell["num_tokens"]))
+
+
 def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = {**describe_run(read_run(args.run), name, args.repo_id or f"ORG/{name}", args.hardware), **results}
     check_same_run(results, {**checkpoint_identity(args.checkpoint), "seed": args.seed})
     cells = results.setdefault("evaluation", [])
-    done = {(cell["task"], cell["num_tokens"], cell["noise"], cell["dtype"]) for cell in cells}
+    done = {cell_key(cell) for cell in cells}
     for task in args.tasks:
         for segments, count in zip(args.segments, samples, strict=True):
             num_tokens = segments * model.config.segment_size
@@ -250,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             cells.append({"task": task, "noise": args.noise, "num_tokens": num_tokens, "segments": segments,
                           "samples": count, "correct": correct, "accuracy": correct / count, "ci95": [low, high],
                           "seconds": round(seconds, 1), "device": args.device, "dtype": args.dtype})  # fmt: skip
-            cells.sort(key=lambda cell: (cell["task"], cell["noise"], cell["dtype"], cell["num_tokens"]))
+            sort_cells(cells)
             save_results(args.results, results)
             print(f"{task:16s} {num_tokens:>10,} tokens ({segments:,} segments): {correct}/{count} = "
                   f"{correct / count:.3f} [{low:.3f}, {high:.3f}] in {seconds:,.0f} s")  # fmt: skip

@@ -13,13 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .evaluate_lengths import load_results, save_results
+from .evaluate_lengths import cell_key, load_results, save_results, sort_cells
 
 IDENTITY = ("tensors_sha256", "seed")
-
-
-def cell_key(cell: dict) -> tuple:
-    return cell["task"], cell["num_tokens"], cell["noise"], cell["dtype"]
 
 
 def merge_cells(source: Path, target: Path) -> list[dict]:
@@ -41,7 +37,7 @@ def merge_cells(source: Path, target: Path) -> list[dict]:
         if cell_key(cell) in present and present[cell_key(cell)] != cell:
             print(f"kept {target}'s own cell {cell_key(cell)}; {source} measured it again")
     cells += copied
-    cells.sort(key=lambda cell: (cell["task"], cell["noise"], cell["dtype"], cell["num_tokens"]))
+    sort_cells(cells)
     save_results(target, card)
     return copied
 

@@ -31,6 +31,17 @@ def model_and_tokenizer():
     return model.eval(), AutoTokenizer.from_pretrained(CHECKPOINT)
 
 
+def predictions_on_held_out_documents(model, tokenizer, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, true) labels of 20 held-out documents of `task` on Milton, 7 segments long (its training length)."""
+    noise = TokenizedNoise(tokenizer, "milton")
+    samples = [make_sample(task, noise, tokenizer, 7 * model.config.segment_size, TEST_SEED, i) for i in range(20)]
+    rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in samples]
+    inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1)
+    return predicted, torch.tensor([sample.label for sample in samples])
+
+
 def test_every_checkpoint_folder_is_listed_here():
     assert {folder.name for folder in CHECKPOINTS.iterdir() if folder.is_dir()} == set(COMMITTED)
 
@@ -74,15 +85,8 @@ def test_the_classifier_names_the_six_places():
 
 @pytest.mark.parametrize("task, least_correct", [("memorize", 19), ("detect_memorize", 17)])
 def test_it_answers_held_out_documents_of_its_training_length(model_and_tokenizer, task, least_correct):
-    model, tokenizer = model_and_tokenizer
-    noise = TokenizedNoise(tokenizer, "milton")
-    samples = [make_sample(task, noise, tokenizer, 7 * model.config.segment_size, TEST_SEED, i) for i in range(20)]
-    rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in samples]
-    inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
-    with torch.no_grad():
-        predicted = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1)
-    correct = int((predicted == torch.tensor([sample.label for sample in samples])).sum())
-    assert correct >= least_correct  # chance: about 3 of 20
+    predicted, labels = predictions_on_held_out_documents(*model_and_tokenizer, task)
+    assert int((predicted == labels).sum()) >= least_correct  # chance: about 3 of 20
 
 
 def test_the_text_classification_pipeline_reads_a_long_document_whole():
@@ -97,13 +101,7 @@ def test_the_unknown_classifier_answers_unknown_without_a_fact_and_the_place_wit
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.id2label[6] == "unknown" and model.config.num_labels == 7
-    noise = TokenizedNoise(tokenizer, "milton")
     for task, least_correct in [("no_fact", 19), ("detect_memorize", 17)]:
-        samples = [make_sample(task, noise, tokenizer, 7 * model.config.segment_size, TEST_SEED, i) for i in range(20)]
-        rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in samples]
-        inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
-        with torch.no_grad():
-            predicted = model(**inputs).logits.argmax(-1)
-        labels = torch.tensor([sample.label for sample in samples])
+        predicted, labels = predictions_on_held_out_documents(model, tokenizer, task)
         assert (labels == 6).all() == (task == "no_fact")
         assert int((predicted == labels).sum()) >= least_correct, task
