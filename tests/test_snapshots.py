@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rmt_tools.backbones import minilm_path
 from rmt_training.curriculum import Curriculum
 from rmt_training.snapshot import Rewarm, last_complete_checkpoint, restore_snapshot
 
 SNAPSHOTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "snapshots").glob("*") if p.is_dir())
+AUTO_CLASSES = {
+    "RMTForCausalLM": AutoModelForCausalLM,
+    "RMTForSequenceClassification": AutoModelForSequenceClassification,
+}
 
 
 @pytest.mark.skipif(not SNAPSHOTS, reason="no snapshot committed")
@@ -31,9 +35,13 @@ def test_a_committed_snapshot_restores_into_a_resumable_checkpoint(snapshot, tmp
     assert Curriculum.load(checkpoint).num_segments >= 1
     rewarm = Rewarm.for_checkpoint(checkpoint, warmup_steps=50)
     assert rewarm is not None and rewarm.resumed_at == record["step"]
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    config = AutoConfig.from_pretrained(checkpoint)
+    model = AUTO_CLASSES[config.architectures[0]].from_pretrained(checkpoint).eval()  # a decoder's or a classifier's
     assert model.dtype == torch.float32
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     ids = tokenizer("Mary went to the kitchen. Where is Mary?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=ids).logits).all()
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    if config.architectures[0] == "RMTForSequenceClassification":
+        assert logits.shape == (1, config.num_labels)
