@@ -136,11 +136,15 @@ def is_decoder(model) -> bool:
     return type(model).__name__ == "RMTForCausalLM"
 
 
+def auto_class_for(checkpoint: str | Path):
+    """The Auto class the checkpoint was saved as: a decoder's or a classifier's."""
+    architecture = (AutoConfig.from_pretrained(checkpoint).architectures or [""])[0]
+    return AutoModelForCausalLM if architecture == "RMTForCausalLM" else AutoModelForSequenceClassification
+
+
 def load_model(checkpoint: str, dtype: str, device: str):
     """The checkpoint as a classifier or a decoder, whichever it was saved as."""
-    architecture = (AutoConfig.from_pretrained(checkpoint).architectures or [""])[0]
-    auto = AutoModelForCausalLM if architecture == "RMTForCausalLM" else AutoModelForSequenceClassification
-    return auto.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
+    return auto_class_for(checkpoint).from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def classifier_correct(model, tokenizer, batch: list[TaskSample]) -> int:

@@ -9,17 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from rmt_tools.backbones import minilm_path
 from rmt_training.curriculum import Curriculum
+from rmt_training.evaluate_lengths import auto_class_for
 from rmt_training.snapshot import Rewarm, last_complete_checkpoint, restore_snapshot
 
 SNAPSHOTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "snapshots").glob("*") if p.is_dir())
-AUTO_CLASSES = {
-    "RMTForCausalLM": AutoModelForCausalLM,
-    "RMTForSequenceClassification": AutoModelForSequenceClassification,
-}
 
 
 @pytest.mark.skipif(not SNAPSHOTS, reason="no snapshot committed")
@@ -36,7 +33,7 @@ def test_a_committed_snapshot_restores_into_a_resumable_checkpoint(snapshot, tmp
     rewarm = Rewarm.for_checkpoint(checkpoint, warmup_steps=50)
     assert rewarm is not None and rewarm.resumed_at == record["step"]
     config = AutoConfig.from_pretrained(checkpoint)
-    model = AUTO_CLASSES[config.architectures[0]].from_pretrained(checkpoint).eval()  # a decoder's or a classifier's
+    model = auto_class_for(checkpoint).from_pretrained(checkpoint).eval()
     assert model.dtype == torch.float32
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     ids = tokenizer("Mary went to the kitchen. Where is Mary?", return_tensors="pt")["input_ids"]
