@@ -31,3 +31,19 @@ def slow_bfloat16_warning(device: str, asked: str) -> str | None:
         f"bfloat16 runs emulated here, about 19x slower than float32 for a training step on a 2-core AVX2 "
         f"machine ({BF16_RESULTS}). Use float32 on this CPU (leave out {asked})."
     )
+
+
+def device_problem(device: str) -> str | None:
+    """What is wrong with `device` (a `--device` value) on this machine: not a torch device, or an accelerator
+    that is not here; None when the device can be used."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N."
+    accelerator = getattr(torch, parsed.type, None)
+    if parsed.type != "cpu" and not (accelerator is not None and accelerator.is_available()):
+        return f"--device {device!r}: no {parsed.type} device is available on this machine; use --device cpu."
+    count = accelerator.device_count() if parsed.type != "cpu" and hasattr(accelerator, "device_count") else None
+    if count is not None and parsed.index is not None and parsed.index >= count:
+        return f"--device {device!r}: this machine has {count} {parsed.type} device(s), numbered from 0."
+    return None

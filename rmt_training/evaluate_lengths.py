@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from modeling_rmt.loading import safetensors_header
-from rmt_tools.hardware import slow_bfloat16_warning
+from rmt_tools.hardware import device_problem, slow_bfloat16_warning
 
 from .babilong import babilong_correct
 from .decoder import ANSWER_RESERVE, end_token_id, pad_token_id
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repo-id", default=None, help="with --run: the Hub repo id (default: ORG/NAME)")
     parser.add_argument("--hardware", default="unspecified", help="with --run: what it trained on")
     args = parser.parse_args(argv)
+    if problem := device_problem(args.device):
+        raise SystemExit(problem)
     if args.dtype == "bfloat16" and (warning := slow_bfloat16_warning(args.device, "--dtype bfloat16")):
         warnings.warn(warning, stacklevel=2)
     if len(args.samples) not in (1, len(args.segments)):

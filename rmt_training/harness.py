@@ -27,6 +27,7 @@ import torch
 from transformers import AutoTokenizer
 
 from modeling_rmt.configuration_rmt import LONG_DOCUMENT_TOKENS
+from rmt_tools.hardware import device_problem
 
 from .decoder import ANSWER_RESERVE
 from .evaluate_lengths import cell_samples, decoder_answers, load_model, qa1_correct, save_results
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--card-results", type=Path, default=None, help="also record the figures in this model "
                         "card results JSON (its `harness` block, for model_cards.generate)")  # fmt: skip
     args = parser.parse_args(argv)
+    if not args.tasks_only and (problem := device_problem(args.device)):  # --tasks-only prints lm_eval's command
+        raise SystemExit(problem)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     segment_size = json.loads((Path(args.checkpoint) / "config.json").read_text())["segment_size"]
     num_tokens = args.segments * segment_size

@@ -1,4 +1,5 @@
-"""bfloat16 on a CPU that emulates it: the training and evaluation commands say so before they start."""
+"""bfloat16 on a CPU that emulates it, and a --device that is not here: the training and evaluation commands
+say so before they start."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def test_train_warns_about_bf16_before_anything_else(emulating_cpu, tmp_path, mo
     assert not [w for w in seen if "bfloat16" in str(w.message)]
 
 
-def test_evaluate_lengths_warns_about_bfloat16_on_the_cpu_only(emulating_cpu, tmp_path):
+def test_evaluate_lengths_warns_about_bfloat16_on_the_cpu_only(emulating_cpu, tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # --device cuda passes the device check
     command = ["no-checkpoint", "--results", str(tmp_path / "r.json"), "--segments", "1", "--samples", "1", "2"]
     with pytest.warns(UserWarning, match="leave out --dtype bfloat16"), pytest.raises(SystemExit):
         evaluate_main([*command, "--dtype", "bfloat16", "--device", "cpu"])
@@ -55,3 +57,24 @@ def test_evaluate_lengths_warns_about_bfloat16_on_the_cpu_only(emulating_cpu, tm
         warnings.simplefilter("always")
         evaluate_main([*command, "--dtype", "bfloat16", "--device", "cuda"])
     assert not [w for w in seen if "bfloat16" in str(w.message)]
+
+
+def test_a_device_that_is_not_here_is_refused_before_any_loading(tmp_path, monkeypatch):
+    from rmt_training.harness import main as harness_main
+
+    assert hardware.device_problem("cpu") is None
+    assert "is not a torch device" in hardware.device_problem("gpu0")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert "no cuda device is available" in hardware.device_problem("cuda:0")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    assert hardware.device_problem("cuda") is None and hardware.device_problem("cuda:0") is None
+    assert "has 1 cuda device(s)" in hardware.device_problem("cuda:1")
+    results = tmp_path / "r.json"  # the checkpoint does not exist: the device is what stops the command
+    with pytest.raises(SystemExit, match="'gpu0' is not a torch device"):
+        evaluate_main(
+            ["no-checkpoint", "--results", str(results), "--segments", "1", "--samples", "1", "--device", "gpu0"]
+        )
+    with pytest.raises(SystemExit, match="'cuda:1': this machine has 1 cuda"):
+        harness_main(["no-checkpoint", str(tmp_path / "harness"), "--device", "cuda:1"])
+    assert not results.exists() and not (tmp_path / "harness").exists()
