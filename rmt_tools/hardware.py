@@ -40,10 +40,12 @@ def device_problem(device: str) -> str | None:
         parsed = torch.device(device)
     except RuntimeError:
         return f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N."
+    if parsed.type == "cpu":
+        return None
     accelerator = getattr(torch, parsed.type, None)
-    if parsed.type != "cpu" and not (accelerator is not None and accelerator.is_available()):
+    if accelerator is None or not accelerator.is_available():
         return f"--device {device!r}: no {parsed.type} device is available on this machine; use --device cpu."
-    count = accelerator.device_count() if parsed.type != "cpu" and hasattr(accelerator, "device_count") else None
-    if count is not None and parsed.index is not None and parsed.index >= count:
+    count = accelerator.device_count()
+    if parsed.index is not None and parsed.index >= count:
         return f"--device {device!r}: this machine has {count} {parsed.type} device(s), numbered from 0."
     return None
