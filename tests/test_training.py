@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertConfig, BertModel, EvalPrediction
 
 from rmt_tools.backbones import minilm_path
 from rmt_training.curriculum import Curriculum, CurriculumTaskDataset
-from rmt_training.tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise
+from rmt_training.tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise, make_sample
+from rmt_training.train import accuracy_by_task
 from rmt_training.train import main as train_main
 
 SEGMENT = 24  # content tokens per segment of the tiny runs
@@ -83,6 +84,26 @@ def test_training_moves_through_the_curriculum_and_saves_a_loadable_model(tiny_b
     model = AutoModelForSequenceClassification.from_pretrained(final)
     assert model.config.segment_size == SEGMENT and model.config.id2label[0] == "office"
     assert all(math.isfinite(loss) for loss in logged_losses(final).values())
+    evaluations = [entry for entry in json.loads((final / "log_history.json").read_text()) if "eval_accuracy" in entry]
+    assert evaluations and all(
+        {"eval_accuracy_memorize", "eval_accuracy_detect_memorize"} <= set(e) for e in evaluations
+    )
+
+
+def test_validation_accuracy_is_split_by_task_in_the_order_the_validation_set_takes_them(tiny_backbone):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    tasks, noise = ["memorize", "detect_memorize", "reasoning"], TokenizedNoise(tokenizer)
+    data = CurriculumTaskDataset(tasks, tokenizer, noise, Curriculum([1]), SEGMENT, size=6, seed=3)
+    for index in range(6):  # item i is task i mod 3, as accuracy_by_task assumes
+        sample = make_sample(tasks[index % 3], noise, tokenizer, SEGMENT, 3, index)
+        assert data[index]["labels"] == sample.label
+        assert data[index]["input_ids"][1:-1] == list(sample.input_ids)
+    labels = np.array([data[i]["labels"] for i in range(6)])
+    logits = np.eye(6)[labels]
+    logits[[1, 2, 5]] = np.eye(6)[(labels[[1, 2, 5]] + 1) % 6]  # wrong: detect_memorize once, reasoning twice
+    metrics = accuracy_by_task(tasks)(EvalPrediction(predictions=logits, label_ids=labels))
+    assert metrics == {"accuracy": 0.5, "accuracy_memorize": 1.0, "accuracy_detect_memorize": 0.5,
+                       "accuracy_reasoning": 0.0}  # fmt: skip
 
 
 # 2: the curriculum moves on right at the checkpoint; 3: a step after it
@@ -477,7 +498,6 @@ def test_decoder_documents_put_the_loss_on_the_answer_only(tiny_backbone):
 
 
 def test_answer_accuracy_is_the_same_from_the_last_logits_as_from_all():
-    from transformers import EvalPrediction
 
     from rmt_training.decoder import IGNORE, answer_accuracy, answer_predictions
 
@@ -496,7 +516,6 @@ def test_answer_accuracy_is_the_same_from_the_last_logits_as_from_all():
 
 
 def test_answer_accuracy_needs_every_answer_token_and_skips_padding_rows():
-    from transformers import EvalPrediction
 
     from rmt_training.decoder import IGNORE, answer_accuracy
 
