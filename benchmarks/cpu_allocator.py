@@ -1,6 +1,6 @@
 """Training steps on a CPU with glibc's malloc against jemalloc preloaded (`LD_PRELOAD`).
 
-    python benchmarks/cpu_allocator.py [--segments 3] [--batch 8] [--repeats 3] [--jemalloc PATH]
+    python benchmarks/cpu_allocator.py [--segments 3] [--batch 8] [--repeats 3] [--bf16] [--jemalloc PATH]
 
 The rmt-minilm-512 recipe's model (all-MiniLM-L6-v2, 10 memory tokens, 499 content tokens per segment),
 forward, backward through every segment and an AdamW step. Each allocator runs in its own process, one after
@@ -8,7 +8,7 @@ the other, with the same threads; after one warm-up step each, every step is tim
 the process spent in user space and in the kernel. Steps allocate many tensors over glibc's mmap threshold
 (32 MiB at most: at batch 8 one layer's attention scores are 8 x 12 x 512 x 512 floats, 96 MiB), which glibc
 maps and unmaps on every use, so the kernel zeroes fresh pages each time; jemalloc, told to keep freed
-pages (`MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`), reuses them.
+pages or with its defaults, reuses them. Each step's resident memory is recorded, to show growth.
 Prints a table and writes JSON (default benchmarks/results/cpu_allocator.json). Linux only.
 """
 
@@ -26,12 +26,14 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # keep freed pages for reuse, never hand them back
+# jemalloc's settings compared: its defaults (freed pages go back to the system after about 10 s unused), and
+# keeping every freed page for reuse (the setting often advised for PyTorch on CPUs; see the notes in RESULTS.md).
+JEMALLOC_CONFS = {"jemalloc": "", "jemalloc, pages kept": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 JEMALLOC_CANDIDATES = ("/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
                        "/usr/lib64/libjemalloc.so.2", "/lib/aarch64-linux-gnu/libjemalloc.so.2")  # fmt: skip
 
 
-def child(segments: int, batch: int, repeats: int) -> dict:
+def child(segments: int, batch: int, repeats: int, bf16: bool) -> dict:
     """Time `repeats` training steps after a warm-up one, in this process; return the figures."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -49,13 +51,15 @@ def child(segments: int, batch: int, repeats: int) -> dict:
     steps = []
     for step in range(repeats + 1):
         before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        model(**batch_inputs).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch_inputs).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         after, seconds = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
         if step:  # the first step is a warm-up
             user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
-            steps.append({"seconds": seconds, "user_s": user, "system_s": system})
+            steps.append({"seconds": seconds, "user_s": user, "system_s": system, "rss_mib": rss_mib()})
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "steps": steps,
@@ -73,13 +77,22 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def run_child(args: argparse.Namespace, preload: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("LD_PRELOAD", None)
+def rss_mib() -> int:
+    """This process's resident memory now (MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return -1
+
+
+def run_child(args: argparse.Namespace, preload: str | None, malloc_conf: str = "") -> dict:
+    env = {name: value for name, value in os.environ.items() if name not in ("LD_PRELOAD", "MALLOC_CONF")}
     if preload:
-        env["LD_PRELOAD"], env["MALLOC_CONF"] = preload, JEMALLOC_CONF
+        env["LD_PRELOAD"] = preload
+        if malloc_conf:
+            env["MALLOC_CONF"] = malloc_conf
     command = [sys.executable, __file__, "--child", "--segments", str(args.segments), "--batch", str(args.batch),
-               "--repeats", str(args.repeats)]  # fmt: skip
+               "--repeats", str(args.repeats)] + (["--bf16"] if args.bf16 else [])  # fmt: skip
     finished = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if finished.returncode:
         raise SystemExit(f"The benchmark's child process failed:\n{finished.stderr[-2000:]}")
@@ -99,25 +112,29 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as `train --bf16`")
     parser.add_argument("--jemalloc", default=None, help="path of libjemalloc.so.2 (default: the usual places)")
     parser.add_argument("--output", default=str(RESULTS / "cpu_allocator.json"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.segments, args.batch, args.repeats)))
+        print(json.dumps(child(args.segments, args.batch, args.repeats, args.bf16)))
         return
     jemalloc = args.jemalloc or next((path for path in JEMALLOC_CANDIDATES if Path(path).is_file()), None)
     if jemalloc is None or not Path(jemalloc).is_file():
         raise SystemExit("No libjemalloc.so.2 found: install it (Debian: apt install libjemalloc2) or pass --jemalloc.")
-    results = {"glibc malloc": summary(run_child(args, None)), "jemalloc": summary(run_child(args, jemalloc))}
-    speedup = results["glibc malloc"]["median_step_s"] / results["jemalloc"]["median_step_s"]
-    print(f"{'allocator':<14} {'median step (s)':>16} {'kernel share of CPU':>20} {'peak RSS (MiB)':>15}")
+    results = {"glibc malloc": summary(run_child(args, None))}
+    for name, malloc_conf in JEMALLOC_CONFS.items():
+        results[name] = summary(run_child(args, jemalloc, malloc_conf))
+    base = results["glibc malloc"]["median_step_s"]
+    print(f"{'allocator':<22} {'median step (s)':>16} {'speed-up':>9} {'kernel share of CPU':>20} RSS by step (MiB)")
     for name, figures in results.items():
-        print(f"{name:<14} {figures['median_step_s']:>16} {figures['kernel_share_of_cpu']:>20.1%} "
-              f"{figures['peak_rss_mib']:>15}")  # fmt: skip
-    print(f"jemalloc makes a step {speedup:.2f}x faster")
+        figures["speedup"] = round(base / figures["median_step_s"], 3)
+        growth = " ".join(str(step["rss_mib"]) for step in figures["steps"])
+        print(f"{name:<22} {figures['median_step_s']:>16} {figures['speedup']:>8}x "
+              f"{figures['kernel_share_of_cpu']:>20.1%} {growth}")  # fmt: skip
     record = {"segments": args.segments, "batch": args.batch, "segment_size": 499, "num_mem_tokens": 10,
-              "repeats": args.repeats, "jemalloc": jemalloc, "malloc_conf": JEMALLOC_CONF, "speedup": round(speedup, 3),
+              "repeats": args.repeats, "bf16": args.bf16, "jemalloc": jemalloc, "malloc_conf": JEMALLOC_CONFS,
               "machine": {"cpu": cpu_name(), "python": platform.python_version()},
               "results": results}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
