@@ -40,6 +40,7 @@ def child(segments: int, batch: int, repeats: int, bf16: bool) -> dict:
 
     from modeling_rmt import RMTForSequenceClassification
     from rmt_tools.backbones import minilm_path
+    from rmt_tools.hardware import cpu_bfloat16_is_fast, cpu_capability
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -66,7 +67,8 @@ def child(segments: int, batch: int, repeats: int, bf16: bool) -> dict:
         "peak_rss_mib": round(peak_mib),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": cpu_capability(),
+        "cpu_bfloat16_fast": cpu_bfloat16_is_fast(),
     }
 
 

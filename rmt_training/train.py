@@ -65,12 +65,12 @@ from .snapshot import Rewarm, lambda_scheduler, last_complete_checkpoint, set_ra
 from .tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
 
-def accuracy_by_task(tasks: list[str]):
+def accuracy_by_task(tasks: list[str], world_size: int = 1):
     """Classifier metrics: mixed accuracy, and each task's (`accuracy_<task>`) when several are mixed.
 
     The validation set takes tasks in turn (item i is task i mod len(tasks)), and one process gets its
-    predictions back in that order; several processes interleave them, so there only the mixed figure is given."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    predictions back in that order; several processes (`world_size`) interleave them, so there only the mixed
+    figure is given."""
 
     def compute(prediction) -> dict[str, float]:
         correct = np.asarray(prediction.predictions).argmax(-1) == np.asarray(prediction.label_ids)
@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> Path:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train_data, eval_dataset=validation,
         data_collator=DecoderCollator(pad_token_id(tokenizer)) if decoder else DataCollatorWithPadding(tokenizer),
-        compute_metrics=answer_accuracy if decoder else accuracy_by_task(args.tasks), processing_class=tokenizer,
+        compute_metrics=answer_accuracy if decoder else accuracy_by_task(args.tasks, training_args.world_size),
+        processing_class=tokenizer,
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
         callbacks=[CurriculumCallback(curriculum), clock]
         + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else [])

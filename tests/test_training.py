@@ -498,7 +498,6 @@ def test_decoder_documents_put_the_loss_on_the_answer_only(tiny_backbone):
 
 
 def test_answer_accuracy_is_the_same_from_the_last_logits_as_from_all():
-
     from rmt_training.decoder import IGNORE, answer_accuracy, answer_predictions
 
     generator = torch.Generator().manual_seed(0)
@@ -516,7 +515,6 @@ def test_answer_accuracy_is_the_same_from_the_last_logits_as_from_all():
 
 
 def test_answer_accuracy_needs_every_answer_token_and_skips_padding_rows():
-
     from rmt_training.decoder import IGNORE, answer_accuracy
 
     labels = np.array([[IGNORE, IGNORE, 7, 8], [IGNORE, IGNORE, 7, 8], [IGNORE, 5, 6, IGNORE], [IGNORE] * 4])
