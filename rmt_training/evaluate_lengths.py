@@ -10,9 +10,11 @@ its segments (as in training) and generates greedily; its answer is scored by BA
 
 Documents are built from held-out seeds on held-out noise (Milton by default; training used Shakespeare).
 Every finished (task, length, noise, dtype) cell is written to the results JSON at once, and a rerun skips the
-cells already there; an unfinished cell's progress is kept after every batch (`unfinished`), and a rerun goes on
-from its next document, so a long evaluation can stop and go on; one results file holds one checkpoint (by the
-SHA-256 of its weights) and seed, measured on one or more noise corpora (`--noise`) and dtypes (`--dtype`).
+cells already there; a cell lists the documents answered wrong (`wrong`, their indices), so two cells on the
+same documents compare document by document (`rmt_training.paired`); an unfinished cell's progress is kept
+after every batch (`unfinished`), and a rerun goes on from its next document, so a long evaluation can stop
+and go on; one results file holds one checkpoint (by the SHA-256 of its weights) and seed, measured on one or
+more noise corpora (`--noise`) and dtypes (`--dtype`).
 `--run` starts a new file with the training run's description for `model_cards.generate`; `--plot` draws
 accuracy against tokens.
 """
@@ -147,11 +149,12 @@ def load_model(checkpoint: str, dtype: str, device: str):
     return auto_class_for(checkpoint).from_pretrained(checkpoint, dtype=getattr(torch, dtype)).to(device).eval()
 
 
-def classifier_correct(model, tokenizer, batch: list[TaskSample]) -> int:
+def classifier_verdicts(model, tokenizer, batch: list[TaskSample]) -> list[bool]:
+    """Whether the classifier's label is right, document by document."""
     rows = [with_special_tokens(tokenizer, sample.input_ids) for sample in batch]
     inputs = tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
     predicted = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.argmax(-1)
-    return int((predicted.cpu() == torch.tensor([sample.label for sample in batch])).sum())
+    return (predicted.cpu() == torch.tensor([sample.label for sample in batch])).tolist()
 
 
 def decoder_answers(model, tokenizer, batch: list[TaskSample]) -> list[str]:
@@ -168,10 +171,15 @@ def qa1_correct(answer: str, sample: TaskSample) -> bool:
     return babilong_correct(answer, sample.target, sample.question, "qa1", labels=PLACES)
 
 
-def decoder_correct(model, tokenizer, batch: list[TaskSample]) -> int:
-    """Greedy answers to left-padded prompts, scored by BABILong's rule over the six places."""
+def decoder_verdicts(model, tokenizer, batch: list[TaskSample]) -> list[bool]:
+    """Greedy answers to left-padded prompts, scored by BABILong's rule over the six places, document by document."""
     answers = decoder_answers(model, tokenizer, batch)
-    return sum(qa1_correct(answer, sample) for answer, sample in zip(answers, batch, strict=True))
+    return [qa1_correct(answer, sample) for answer, sample in zip(answers, batch, strict=True)]
+
+
+def decoder_correct(model, tokenizer, batch: list[TaskSample]) -> int:
+    """How many of `batch` the decoder answers right (see `decoder_verdicts`)."""
+    return sum(decoder_verdicts(model, tokenizer, batch))
 
 
 def cell_samples(task: str, noise, tokenizer, num_tokens: int, seed: int, indices: range, decoder: bool) -> list:
@@ -184,27 +192,35 @@ def cell_samples(task: str, noise, tokenizer, num_tokens: int, seed: int, indice
 def evaluate_cell(
     model, tokenizer, noise, task: str, num_tokens: int, samples: int, batch_size: int, seed: int,
     partial: dict | None = None, on_batch: Callable[[dict], None] | None = None,
-) -> tuple[int, float]:  # fmt: skip
-    """Accuracy of `model` on `samples` documents that fill `num_tokens` tokens; returns (correct, seconds).
-    `partial` ({done, correct, seconds}) resumes a cell after its first `done` documents; `on_batch` gets that
-    record after every batch, to keep."""
-    partial = {
-        key: (partial or {"done": 0, "correct": 0, "seconds": 0.0})[key] for key in ("done", "correct", "seconds")
-    }
-    score = decoder_correct if is_decoder(model) else classifier_correct
+) -> tuple[int, float, list[int] | None]:  # fmt: skip
+    """Accuracy of `model` on `samples` documents that fill `num_tokens` tokens; returns (correct, seconds,
+    wrong), `wrong` the indices of the documents answered wrong, so two cells on the same documents can be
+    compared document by document (None where a resumed record predates it). `partial` ({done, correct,
+    seconds, wrong}) resumes a cell after its first `done` documents; `on_batch` gets that record after every
+    batch, to keep."""
+    partial = dict(partial or {"done": 0, "correct": 0, "seconds": 0.0, "wrong": []})
+    partial = {key: partial.get(key) for key in ("done", "correct", "seconds", "wrong")}
+    if partial["wrong"] is not None:
+        partial["wrong"] = list(partial["wrong"])
+    elif partial["done"] == 0:
+        partial["wrong"] = []
+    score = decoder_verdicts if is_decoder(model) else classifier_verdicts
     progress = tqdm(total=samples, initial=partial["done"], desc=f"{task} {num_tokens:,} tokens", leave=False)
     for first in range(partial["done"], samples, batch_size):
         start = time.perf_counter()
         indices = range(first, min(samples, first + batch_size))
         batch = cell_samples(task, noise, tokenizer, num_tokens, seed, indices, is_decoder(model))
-        partial["correct"] += score(model, tokenizer, batch)
+        verdicts = score(model, tokenizer, batch)
+        partial["correct"] += sum(verdicts)
+        if partial["wrong"] is not None:
+            partial["wrong"] += [index for index, right in zip(indices, verdicts, strict=True) if not right]
         partial["done"] = indices.stop
         partial["seconds"] = round(partial["seconds"] + time.perf_counter() - start, 1)
         progress.update(len(batch))
         if on_batch is not None and partial["done"] < samples:
-            on_batch(dict(partial))
+            on_batch({**partial, "wrong": None if partial["wrong"] is None else list(partial["wrong"])})
     progress.close()
-    return partial["correct"], partial["seconds"]
+    return partial["correct"], partial["seconds"], partial["wrong"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,14 +273,15 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             cell = {"task": task, "noise": args.noise, "dtype": args.dtype, "num_tokens": num_tokens, "samples": count}
             kept = next((entry for entry in results.get("unfinished", []) if entry["cell"] == cell), None)
-            correct, seconds = evaluate_cell(model, tokenizer, noise, task, num_tokens, count, args.batch_size,
+            correct, seconds, wrong = evaluate_cell(model, tokenizer, noise, task, num_tokens, count, args.batch_size,
                                              args.seed, kept, functools.partial(keep_progress, results,
                                                                                 args.results, cell))  # fmt: skip
             keep_progress(results, None, cell, None)
             low, high = wilson_interval(correct, count)
             cells.append({"task": task, "noise": args.noise, "num_tokens": num_tokens, "segments": segments,
                           "samples": count, "correct": correct, "accuracy": correct / count, "ci95": [low, high],
-                          "seconds": round(seconds, 1), "device": args.device, "dtype": args.dtype})  # fmt: skip
+                          "seconds": round(seconds, 1), "device": args.device, "dtype": args.dtype,
+                          **({"wrong": wrong} if wrong is not None else {})})  # fmt: skip
             sort_cells(cells)
             save_results(args.results, results)
             print(f"{task:16s} {num_tokens:>10,} tokens ({segments:,} segments): {correct}/{count} = "

@@ -584,7 +584,7 @@ def test_a_prompt_tokenizer_adds_no_special_tokens_and_keeps_that_when_saved(tmp
 
 def test_decoder_answers_are_generated_from_left_padded_prompts_and_scored_by_the_babilong_rule():
     from rmt_training.decoder import end_token_id
-    from rmt_training.evaluate_lengths import decoder_correct
+    from rmt_training.evaluate_lengths import decoder_correct, decoder_verdicts
     from rmt_training.tasks import make_sample
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
@@ -604,6 +604,7 @@ def test_decoder_answers_are_generated_from_left_padded_prompts_and_scored_by_th
             return torch.cat([input_ids, ids, torch.full((len(batch), 1), end_token_id(tokenizer))], dim=1)
 
     assert decoder_correct(Answering(), tokenizer, batch) == 2
+    assert decoder_verdicts(Answering(), tokenizer, batch) == [True, False, True, False]
     lengths = [len(s.input_ids) for s in batch]
     assert seen["mask"].sum(1).tolist() == lengths and (seen["mask"][:, -1] == 1).all()  # padded on the left
     assert seen["kwargs"]["do_sample"] is False and seen["kwargs"]["eos_token_id"] == end_token_id(tokenizer)
@@ -615,7 +616,7 @@ def test_an_interrupted_length_cell_goes_on_from_its_last_batch(tiny_backbone, t
     final = train_main(run_args(tiny_backbone, tmp_path / "rmt-tiny", "--max-steps", "2", "--stages", "1"))
     common = [str(final), "--tasks", "memorize", "--segments", "2", "--samples", "7", "--batch-size", "3"]
     whole = evaluate_lengths.main([*common, "--results", str(tmp_path / "whole.json")])["evaluation"][0]
-    calls, score = [], evaluate_lengths.classifier_correct
+    calls, score = [], evaluate_lengths.classifier_verdicts
 
     def stopped_after_two_batches(*args):
         calls.append(len(args[2]))
@@ -623,7 +624,7 @@ def test_an_interrupted_length_cell_goes_on_from_its_last_batch(tiny_backbone, t
             raise KeyboardInterrupt  # as if the process were stopped
         return score(*args)
 
-    monkeypatch.setattr(evaluate_lengths, "classifier_correct", stopped_after_two_batches)
+    monkeypatch.setattr(evaluate_lengths, "classifier_verdicts", stopped_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         evaluate_lengths.main([*common, "--results", str(tmp_path / "cut.json")])
     (kept,) = json.loads((tmp_path / "cut.json").read_text())["unfinished"]
@@ -633,3 +634,5 @@ def test_an_interrupted_length_cell_goes_on_from_its_last_batch(tiny_backbone, t
     resumed = evaluate_lengths.main([*common, "--results", str(tmp_path / "cut.json")])
     assert calls == [1]  # only the document not yet scored
     assert resumed["evaluation"][0]["correct"] == whole["correct"] and "unfinished" not in resumed
+    assert resumed["evaluation"][0]["wrong"] == whole["wrong"]  # the resumed cell lists every wrong document
+    assert len(whole["wrong"]) == 7 - whole["correct"] and set(whole["wrong"]) <= set(range(7))
