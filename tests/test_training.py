@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, EvalPrediction
 
 from rmt_tools.backbones import minilm_path
 from rmt_training.curriculum import Curriculum, CurriculumTaskDataset
-from rmt_training.tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise, make_sample
+from rmt_training.tasks import TokenizedNoise, make_sample
 from rmt_training.train import accuracy_by_task
 from rmt_training.train import main as train_main
 
@@ -264,55 +264,6 @@ def test_two_processes_under_accelerate_give_the_loss_of_one_with_the_same_globa
     assert len(logged_losses(one)) == 3
 
 
-def test_length_evaluation_is_resumable_and_feeds_a_model_card(tiny_backbone, tmp_path):
-    from model_cards.generate import render_card, validate
-    from rmt_training.evaluate_lengths import main as evaluate_main
-    from rmt_training.evaluate_lengths import wilson_interval
-
-    final = train_main(run_args(tiny_backbone, tmp_path / "rmt-tiny", "--max-steps", "2", "--stages", "1"))
-    assert json.loads((final / "run_time.json").read_text())["untimed_steps"] == 0
-    # as if resumed after step 1 from a checkpoint of code that kept no clock
-    (final / "run_time.json").write_text(json.dumps({"seconds": 5400.0, "untimed_steps": 1}))
-    results_path = tmp_path / "results.json"
-    common = [str(final), "--results", str(results_path), "--tasks", "memorize", "--batch-size", "3"]
-    first = evaluate_main([*common, "--segments", "1", "--samples", "5", "--run", str(final)])
-    assert first["name"] == "rmt-tiny" and first["model_class"] == "RMTForSequenceClassification"
-    assert first["training"]["hours"] == 1.5 and first["training"]["hours_from_step"] == 2
-    assert "--stages 1" in first["training"]["command"] and first["training"]["steps"] == 2
-    (cell,) = first["evaluation"]
-    assert cell["num_tokens"] == SEGMENT and cell["samples"] == 5 and cell["noise"] == "milton"
-    assert cell["accuracy"] == cell["correct"] / 5 and cell["ci95"] == list(wilson_interval(cell["correct"], 5))
-    cell["seconds"] = -1.0  # a marker: a rerun must keep finished cells, not recompute them
-    results_path.write_text(json.dumps(first))
-    second = evaluate_main([*common, "--segments", "1", "3", "--samples", "5", "4"])
-    assert [(c["segments"], c["samples"]) for c in second["evaluation"]] == [(1, 5), (3, 4)]
-    assert second["evaluation"][0]["seconds"] == -1.0
-    card = render_card(validate(json.loads(results_path.read_text())))
-    assert "rmt-tiny" in card and f"{3 * SEGMENT:,}" in card
-    assert "1.5 h (steps 2 to 2; the parts before were not timed)" in card
-    assert "Precision" not in card  # a clock of older code records no precision: none is claimed
-    kept = results_path.read_text()
-    with pytest.raises(SystemExit, match="another seed"):  # cells of another measurement never mix in
-        evaluate_main([*common, "--segments", "2", "--samples", "2", "--seed", "7"])
-    other = evaluate_main([*common, "--segments", "1", "--samples", "3", "--noise", "python_docs"])  # another genre
-    assert [(c["noise"], c["samples"]) for c in other["evaluation"]] == [
-        ("milton", 5),
-        ("milton", 4),
-        ("python_docs", 3),
-    ]
-    mixed = render_card(validate(other))  # one curve per (task, noise): the table's columns, the plot's lines
-    assert "| tokens | segments | memorize, milton | memorize, python_docs |" in mixed
-    assert "the Python documentation" in mixed and "the Python documentation" not in card
-    results_path.write_text(kept)
-    with pytest.raises(SystemExit, match="validation seed of a run trained with --seed 0"):  # not held out
-        evaluate_main([str(final), "--results", str(tmp_path / "leak.json"), "--segments", "1", "--samples", "2",
-                       "--run", str(final), "--seed", str(VALIDATION_SEED_OFFSET)])  # fmt: skip
-    assert results_path.read_text() == kept and not (tmp_path / "leak.json").exists()
-    with pytest.raises(SystemExit, match="training seed"):  # a run whose training documents are evaluation's
-        train_main(run_args(tiny_backbone, tmp_path / "leaky", "--seed", str(HELD_OUT_SEED)))
-    assert not (tmp_path / "leaky").exists()
-
-
 def test_a_run_can_start_from_another_runs_weights_and_its_card_shows_both(tiny_backbone, tmp_path):
     from model_cards.generate import render_card
     from rmt_training.evaluate_lengths import main as evaluate_main
@@ -465,14 +416,6 @@ def test_a_run_started_from_an_exported_checkpoint_shows_the_recipe_its_export_s
     assert "First, the run `rmt-minilm-qa1`" in card and card.index(first) < card.index("--output-dir runs/rmt-long")
 
 
-def test_wilson_interval_covers_the_measured_accuracy():
-    from rmt_training.evaluate_lengths import wilson_interval
-
-    low, high = wilson_interval(95, 100)
-    assert low < 0.95 < high and 0.88 < low < 0.9 and 0.97 < high < 0.99
-    assert wilson_interval(8, 8)[1] == 1.0 and wilson_interval(8, 8)[0] > 0.6
-
-
 def test_decoder_documents_put_the_loss_on_the_answer_only(tiny_backbone):
     from rmt_training.decoder import IGNORE, DecoderCollator, decoder_item
     from rmt_training.tasks import make_sample
@@ -580,59 +523,3 @@ def test_a_prompt_tokenizer_adds_no_special_tokens_and_keeps_that_when_saved(tmp
     assert reloaded(text)["input_ids"] == plain and reloaded.decode(plain) == encoder_tokenizer.decode(plain)
     assert reloaded.special_tokens_map == encoder_tokenizer.special_tokens_map
     assert prompt_tokenizer(reloaded) is reloaded  # already plain: returned as it is
-
-
-def test_decoder_answers_are_generated_from_left_padded_prompts_and_scored_by_the_babilong_rule():
-    from rmt_training.decoder import end_token_id
-    from rmt_training.evaluate_lengths import decoder_correct, decoder_verdicts
-    from rmt_training.tasks import make_sample
-
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
-    noise = TokenizedNoise(tokenizer, "milton")
-    batch = [make_sample("qa1", noise, tokenizer, 60 + 7 * i, seed=5, index=i) for i in range(4)]
-    seen = {}
-
-    class Answering(torch.nn.Module):  # answers right on even rows and names another place on odd rows
-        device = torch.device("cpu")
-
-        def generate(self, input_ids, attention_mask, **kwargs):
-            seen.update(mask=attention_mask, kwargs=kwargs)
-            answers = [s.target if i % 2 == 0 else ("garden" if s.target != "garden" else "office")
-                       for i, s in enumerate(batch)]  # fmt: skip
-            ids = tokenizer([f" the {a}." for a in answers], add_special_tokens=False, padding=True,
-                            return_tensors="pt")["input_ids"]  # fmt: skip
-            return torch.cat([input_ids, ids, torch.full((len(batch), 1), end_token_id(tokenizer))], dim=1)
-
-    assert decoder_correct(Answering(), tokenizer, batch) == 2
-    assert decoder_verdicts(Answering(), tokenizer, batch) == [True, False, True, False]
-    lengths = [len(s.input_ids) for s in batch]
-    assert seen["mask"].sum(1).tolist() == lengths and (seen["mask"][:, -1] == 1).all()  # padded on the left
-    assert seen["kwargs"]["do_sample"] is False and seen["kwargs"]["eos_token_id"] == end_token_id(tokenizer)
-
-
-def test_an_interrupted_length_cell_goes_on_from_its_last_batch(tiny_backbone, tmp_path, monkeypatch):
-    from rmt_training import evaluate_lengths
-
-    final = train_main(run_args(tiny_backbone, tmp_path / "rmt-tiny", "--max-steps", "2", "--stages", "1"))
-    common = [str(final), "--tasks", "memorize", "--segments", "2", "--samples", "7", "--batch-size", "3"]
-    whole = evaluate_lengths.main([*common, "--results", str(tmp_path / "whole.json")])["evaluation"][0]
-    calls, score = [], evaluate_lengths.classifier_verdicts
-
-    def stopped_after_two_batches(*args):
-        calls.append(len(args[2]))
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # as if the process were stopped
-        return score(*args)
-
-    monkeypatch.setattr(evaluate_lengths, "classifier_verdicts", stopped_after_two_batches)
-    with pytest.raises(KeyboardInterrupt):
-        evaluate_lengths.main([*common, "--results", str(tmp_path / "cut.json")])
-    (kept,) = json.loads((tmp_path / "cut.json").read_text())["unfinished"]
-    assert kept["done"] == 6 and kept["cell"]["samples"] == 7 and not json.loads(
-        (tmp_path / "cut.json").read_text()).get("evaluation")  # fmt: skip
-    calls.clear()
-    resumed = evaluate_lengths.main([*common, "--results", str(tmp_path / "cut.json")])
-    assert calls == [1]  # only the document not yet scored
-    assert resumed["evaluation"][0]["correct"] == whole["correct"] and "unfinished" not in resumed
-    assert resumed["evaluation"][0]["wrong"] == whole["wrong"]  # the resumed cell lists every wrong document
-    assert len(whole["wrong"]) == 7 - whole["correct"] and set(whole["wrong"]) <= set(range(7))
