@@ -1,12 +1,13 @@
 """Compare two cells of a results file document by document (McNemar's exact test).
 
-    python -m rmt_training.paired snapshots/rmt-minilm-qa1-evaluation.json
+    python -m rmt_training.paired snapshots/rmt-minilm-qa1-evaluation.json [more results files of it ...]
 
 Two cells of one task and length measured on the same documents (the same seed and indices) differ only in
 the dtype, or in the noise around the same facts and question. Unpaired intervals of two such cells overlap
 long before the difference is doubtful; counting the documents one cell answers right and the other wrong
 tells more. Cells list the documents answered wrong (`wrong`) from `evaluate_lengths`; older cells without
-that list are skipped.
+that list are skipped. Several results files are compared as one where they measured the same checkpoint (its
+tensors' SHA-256) with the same seed, so a cell measured again into a file of its own pairs with the card's.
 """
 
 from __future__ import annotations
@@ -59,12 +60,24 @@ def comparable_pairs(results: dict) -> list[tuple[dict, dict]]:
     return [(a, b) for a, b in itertools.combinations(cells, 2) if same(a, b)]
 
 
+def results_of_one_checkpoint(paths: list[Path]) -> dict:
+    """The cells of several results files of one checkpoint and seed, as one results file."""
+    loaded = [load_results(path) for path in paths]
+    for path, results in zip(paths, loaded, strict=True):
+        if not results:
+            raise SystemExit(f"{path} is missing or holds no results.")
+        measured = results.get("evaluated", {})
+        if any(measured.get(key) != loaded[0].get("evaluated", {}).get(key) for key in ("tensors_sha256", "seed")):
+            raise SystemExit(f"{path} measured another checkpoint or seed than {paths[0]}: compare like with like.")
+    return {"evaluation": [cell for results in loaded for cell in results.get("evaluation", [])]}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="a results JSON from evaluate_lengths")
+    parser.add_argument("results", type=Path, nargs="+", help="results JSON files of one checkpoint and seed")
     args = parser.parse_args(argv)
     compared = []
-    for first, second in comparable_pairs(load_results(args.results)):
+    for first, second in comparable_pairs(results_of_one_checkpoint(args.results)):
         comparison = paired_comparison(first, second)
         compared.append(comparison)
         print(f"{first['task']} {first['num_tokens']:,} tokens, {first['samples']} documents: "
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{comparison['only_second']}, both wrong {comparison['both_wrong']}; "
               f"p = {comparison['p_value']:.3g}")  # fmt: skip
     if not compared:
-        print(f"No two cells of {args.results} list their wrong documents for the same task, length and count.")
+        print("No two cells list their wrong documents for the same task, length and number of documents.")
     return compared
 
 

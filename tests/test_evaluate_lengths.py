@@ -49,10 +49,15 @@ def test_cells_without_a_list_of_wrong_documents_are_refused_or_skipped(tmp_path
     results = {"evaluation": [*cells, cell("milton", "float16", [], samples=20)]}
     (pair,) = comparable_pairs(results)
     assert {pair[0]["noise"], pair[1]["noise"]} == {"milton", "python_docs"}
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(results))
-    (printed,) = paired_main([str(path)])
+    identity = {"tensors_sha256": "ab", "seed": 1}
+    card, rerun = tmp_path / "card.json", tmp_path / "rerun.json"
+    card.write_text(json.dumps({"evaluated": identity, "evaluation": results["evaluation"][:2]}))
+    rerun.write_text(json.dumps({"evaluated": identity, "evaluation": results["evaluation"][2:]}))
+    (printed,) = paired_main([str(card), str(rerun)])  # a cell measured again into a file of its own pairs too
     assert printed["only_first"] == 1 and "milton/bfloat16 vs python_docs/bfloat16" in capsys.readouterr().out
+    rerun.write_text(json.dumps({"evaluated": {**identity, "seed": 2}, "evaluation": results["evaluation"][2:]}))
+    with pytest.raises(SystemExit, match="another checkpoint or seed"):
+        paired_main([str(card), str(rerun)])
 
 
 def test_an_evaluated_cell_lists_its_wrong_documents_and_keeps_them_across_a_resume(monkeypatch):
