@@ -22,6 +22,7 @@ accuracy against tokens.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import hashlib
 import json
@@ -198,12 +199,9 @@ def evaluate_cell(
     compared document by document (None where a resumed record predates it). `partial` ({done, correct,
     seconds, wrong}) resumes a cell after its first `done` documents; `on_batch` gets that record after every
     batch, to keep."""
-    partial = dict(partial or {"done": 0, "correct": 0, "seconds": 0.0, "wrong": []})
-    partial = {key: partial.get(key) for key in ("done", "correct", "seconds", "wrong")}
-    if partial["wrong"] is not None:
-        partial["wrong"] = list(partial["wrong"])
-    elif partial["done"] == 0:
-        partial["wrong"] = []
+    kept = partial if partial is not None else {"done": 0, "correct": 0, "seconds": 0.0, "wrong": []}
+    wrong = kept.get("wrong", [] if kept["done"] == 0 else None)  # None: kept by a version that listed none
+    partial = copy.deepcopy({**{key: kept[key] for key in ("done", "correct", "seconds")}, "wrong": wrong})
     score = decoder_verdicts if is_decoder(model) else classifier_verdicts
     progress = tqdm(total=samples, initial=partial["done"], desc=f"{task} {num_tokens:,} tokens", leave=False)
     for first in range(partial["done"], samples, batch_size):
@@ -218,7 +216,7 @@ def evaluate_cell(
         partial["seconds"] = round(partial["seconds"] + time.perf_counter() - start, 1)
         progress.update(len(batch))
         if on_batch is not None and partial["done"] < samples:
-            on_batch({**partial, "wrong": None if partial["wrong"] is None else list(partial["wrong"])})
+            on_batch(copy.deepcopy(partial))
     progress.close()
     return partial["correct"], partial["seconds"], partial["wrong"]
 

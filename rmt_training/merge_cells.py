@@ -18,14 +18,18 @@ from .evaluate_lengths import cell_key, load_results, save_results, sort_cells
 IDENTITY = ("tensors_sha256", "seed")
 
 
+def identity_differences(first: dict, second: dict) -> list[str]:
+    """Which of checkpoint and seed (`IDENTITY`) two results files measured differently."""
+    ours, theirs = first.get("evaluated", {}), second.get("evaluated", {})
+    return [key for key in IDENTITY if ours.get(key) != theirs.get(key)]
+
+
 def merge_cells(source: Path, target: Path) -> list[dict]:
     """Copy `source`'s finished cells that `target` lacks into `target`; returns the cells copied."""
     measured, card = load_results(source), load_results(target)
     if not measured or not card:
         raise SystemExit(f"Nothing to merge: {source if not measured else target} is missing or empty.")
-    ours, theirs = measured.get("evaluated", {}), card.get("evaluated", {})
-    different = [key for key in IDENTITY if ours.get(key) != theirs.get(key)]
-    if different:
+    if different := identity_differences(measured, card):
         raise SystemExit(
             f"{source} and {target} measured different checkpoints or seeds ({', '.join(different)} differ): "
             "evaluate the card's checkpoint with its seed."

@@ -18,6 +18,12 @@ import math
 from pathlib import Path
 
 from .evaluate_lengths import load_results
+from .merge_cells import identity_differences
+
+
+def documents_of(cell: dict) -> tuple:
+    """What makes two cells' documents the same ones: task, length and count (seed and indices are the file's)."""
+    return cell["task"], cell["num_tokens"], cell["samples"]
 
 
 def mcnemar_exact(only_first: int, only_second: int) -> float:
@@ -37,8 +43,7 @@ def paired_comparison(first: dict, second: dict) -> dict:
                 f"The cell {cell['task']} {cell['num_tokens']:,} tokens ({cell['noise']}, {cell['dtype']}) lists no "
                 "documents answered wrong: measure it again with this version of evaluate_lengths."
             )
-    if (first["task"], first["num_tokens"], first["samples"]) != (second["task"], second["num_tokens"],
-                                                                   second["samples"]):  # fmt: skip
+    if documents_of(first) != documents_of(second):
         raise ValueError("Paired cells need the same task, length and number of documents.")
     documents = set(range(first["samples"]))
     wrong_first, wrong_second = set(first["wrong"]), set(second["wrong"])
@@ -56,8 +61,7 @@ def paired_comparison(first: dict, second: dict) -> dict:
 def comparable_pairs(results: dict) -> list[tuple[dict, dict]]:
     """Pairs of cells of a results file with the same task, length and documents, each listing its wrong ones."""
     cells = [cell for cell in results.get("evaluation", []) if "wrong" in cell]
-    same = lambda a, b: (a["task"], a["num_tokens"], a["samples"]) == (b["task"], b["num_tokens"], b["samples"])  # noqa: E731
-    return [(a, b) for a, b in itertools.combinations(cells, 2) if same(a, b)]
+    return [(a, b) for a, b in itertools.combinations(cells, 2) if documents_of(a) == documents_of(b)]
 
 
 def results_of_one_checkpoint(paths: list[Path]) -> dict:
@@ -66,8 +70,7 @@ def results_of_one_checkpoint(paths: list[Path]) -> dict:
     for path, results in zip(paths, loaded, strict=True):
         if not results:
             raise SystemExit(f"{path} is missing or holds no results.")
-        measured = results.get("evaluated", {})
-        if any(measured.get(key) != loaded[0].get("evaluated", {}).get(key) for key in ("tensors_sha256", "seed")):
+        if identity_differences(results, loaded[0]):
             raise SystemExit(f"{path} measured another checkpoint or seed than {paths[0]}: compare like with like.")
     return {"evaluation": [cell for results in loaded for cell in results.get("evaluation", [])]}
 
