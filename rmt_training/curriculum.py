@@ -4,6 +4,10 @@ A `Curriculum` holds the stages (segments per document) and the current one; the
 validation datasets read it on every sample, and `CurriculumCallback` moves it on when the validation
 metric reaches a target or stops improving (or on a fixed schedule of steps). Its position is saved in
 every checkpoint (`curriculum.json`) so a resumed run continues at the same stage.
+
+As in the 1M-token report, a stage ended by the metric starts the next one from the best validated weights of
+the stage (`stage_start="best"`), not from its last: the callback keeps a copy of those weights, and each
+checkpoint saved after them holds it (`stage_best.safetensors`) so that a resumed run keeps it too.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .decoder import ANSWER_RESERVE, decoder_item
 from .tasks import TASKS, TokenizedNoise, make_sample, with_special_tokens
 
 CURRICULUM_FILE = "curriculum.json"
+STAGE_BEST_FILE = "stage_best.safetensors"  # in a checkpoint saved after its stage's best weights
+STAGE_STARTS = ("best", "last")
 # A stage decided after step k trains from step k + 2: the data loader has already built step k + 1's
 # batch when step k's evaluation runs, and a run resumed from checkpoint-k must build the same one.
 EFFECT_DELAY = 2
@@ -34,6 +41,8 @@ class Curriculum:
         advance_at: move on as soon as the validation metric reaches this value.
         patience: or after this many evaluations without an improvement of at least `min_delta`.
         every_steps: or, when set, every `every_steps` optimizer steps regardless of the metric.
+        stage_start: a stage ended by the metric hands the next one its best validated weights ("best", the
+            report's recipe) or its last ("last"); a stage ended by `every_steps` hands on its last.
     """
 
     stages: list[int]
@@ -41,8 +50,10 @@ class Curriculum:
     patience: int = 3
     min_delta: float = 0.005
     every_steps: int | None = None
+    stage_start: str = "best"
     stage: int = 0
     best: float = -math.inf
+    best_step: int | None = None  # the step of `best` (None: not yet measured, or recorded by older code)
     evaluations_without_gain: int = 0
     stage_started_at: int = 0
     history: list[dict] = field(default_factory=list)
@@ -50,6 +61,8 @@ class Curriculum:
     def __post_init__(self) -> None:
         if not self.stages or any(s < 1 for s in self.stages) or sorted(self.stages) != list(self.stages):
             raise ValueError(f"Curriculum stages must be increasing segment counts >= 1, got {self.stages}.")
+        if self.stage_start not in STAGE_STARTS:
+            raise ValueError(f"stage_start must be one of {STAGE_STARTS}, got {self.stage_start!r}.")
 
     @property
     def num_segments(self) -> int:
@@ -65,12 +78,15 @@ class Curriculum:
         return self.stage == len(self.stages) - 1
 
     def advance(self, step: int, reason: str) -> None:
-        self.history.append({"step": step, "segments": self.num_segments, "best": self.best, "reason": reason})
+        self.history.append({"step": step, "segments": self.num_segments, "best": self.best,
+                             "best_step": self.best_step, "reason": reason})  # fmt: skip
         self.stage += 1
-        self.best, self.evaluations_without_gain, self.stage_started_at = -math.inf, 0, step
+        self.best, self.best_step, self.evaluations_without_gain, self.stage_started_at = -math.inf, None, 0, step
 
     def observe(self, metric: float, step: int) -> bool:
         """Record a validation result; return whether the stage moved on."""
+        if metric > self.best:
+            self.best_step = step
         if metric >= self.best + self.min_delta:
             self.best, self.evaluations_without_gain = metric, 0
         else:
@@ -96,37 +112,86 @@ class Curriculum:
 
 class CurriculumCallback(TrainerCallback):
     """Moves a `Curriculum` on from validation results (or a step schedule) and saves it with each
-    checkpoint; stops training once the last stage reaches `advance_at` when `stop_when_done`."""
+    checkpoint; stops training once the last stage reaches `advance_at` when `stop_when_done`.
 
-    def __init__(self, curriculum: Curriculum, metric: str = "eval_accuracy", stop_when_done: bool = True) -> None:
+    With `stage_start="best"` it keeps a CPU copy of the stage's best validated weights and loads them
+    into the model when the metric ends the stage; `resumed_from` is the checkpoint a resumed run starts
+    from, whose `stage_best.safetensors` (or own weights, when they are the best) it takes that copy from."""
+
+    def __init__(
+        self,
+        curriculum: Curriculum,
+        metric: str = "eval_accuracy",
+        stop_when_done: bool = True,
+        resumed_from: str | Path | None = None,
+    ) -> None:
         self.curriculum, self.metric, self.stop_when_done = curriculum, metric, stop_when_done
+        self.resumed_from = Path(resumed_from) if resumed_from else None
+        self.best_weights: dict[str, torch.Tensor] | None = None  # the weights of `curriculum.best_step`
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
+        plan, checkpoint = self.curriculum, self.resumed_from
+        if plan.stage_start != "best" or checkpoint is None or plan.best_step is None:
+            return control
+        if (checkpoint / STAGE_BEST_FILE).is_file():
+            self.best_weights = load_file(checkpoint / STAGE_BEST_FILE)
+        elif plan.best_step == int(checkpoint.name.split("-")[-1]):  # the checkpoint's own weights are the best
+            self.best_weights = _cpu_copy(model)
+        return control
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         plan = self.curriculum
         if plan.every_steps and not plan.finished and state.global_step - plan.stage_started_at >= plan.every_steps:
             plan.advance(state.global_step, f"schedule ({plan.every_steps} steps)")
+            plan.history[-1]["weights_from_step"] = state.global_step
+            self.best_weights = None
             control.should_evaluate = True
         return control
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kw):
         if metrics is None or self.metric not in metrics:
             return control
+        plan, step = self.curriculum, state.global_step
         value = float(metrics[self.metric])
-        was = self.curriculum.num_segments
-        if self.curriculum.observe(value, state.global_step):
-            state.log_history.append({"step": state.global_step, "curriculum_segments": self.curriculum.num_segments})
-            print(f"curriculum: {was} -> {self.curriculum.num_segments} segments at step {state.global_step}")
+        was = plan.num_segments
+        if plan.observe(value, step):
+            plan.history[-1]["weights_from_step"] = self._hand_on_weights(kw.get("model"), step)
+            self.best_weights = None
+            state.log_history.append({"step": step, "curriculum_segments": plan.num_segments})
+            print(f"curriculum: {was} -> {plan.num_segments} segments at step {step}")
             control.should_save = True
-        elif self.stop_when_done and self.curriculum.finished and value >= self.curriculum.advance_at:
-            control.should_training_stop = True
+        else:
+            if plan.stage_start == "best" and plan.best_step == step:
+                self.best_weights = _cpu_copy(kw.get("model"))
+            if self.stop_when_done and plan.finished and value >= plan.advance_at:
+                control.should_training_stop = True
         return control
+
+    def _hand_on_weights(self, model: torch.nn.Module | None, step: int) -> int:
+        """Put the ended stage's best weights into `model` where asked and kept; return the step they are from."""
+        best_step = self.curriculum.history[-1]["best_step"]
+        if self.curriculum.stage_start != "best" or best_step in (None, step):
+            return step
+        if self.best_weights is None:
+            print(f"curriculum: the best weights of this stage (step {best_step}) were not kept (a checkpoint of "
+                  f"older code); the next stage starts from the weights of step {step}")  # fmt: skip
+            return step
+        model.load_state_dict(self.best_weights)
+        print(f"curriculum: the next stage starts from the best weights of this stage, step {best_step}")
+        return best_step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                self.curriculum.save(folder)
+                if self.best_weights is not None and self.curriculum.best_step != state.global_step:
+                    save_file(self.best_weights, folder / STAGE_BEST_FILE, metadata={"format": "pt"})
+                self.curriculum.save(folder)  # last: its presence marks a complete checkpoint
         return control
+
+
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in model.state_dict().items()}
 
 
 class CurriculumTaskDataset(torch.utils.data.Dataset):

@@ -54,6 +54,9 @@ class RunOptions:
     advance_at: float = HfArg(default=0.99, help="validation accuracy that ends a stage")
     patience: int = HfArg(default=4, help="evaluations without gain that end a stage")
     every_steps: int | None = HfArg(default=None, help="end stages on this step schedule instead")
+    stage_start: Literal["best", "last"] = HfArg(
+        default="best", help="a stage ended by validation starts the next from its best weights (the report's) or last"
+    )
     eval_size: int = HfArg(default=200, help="validation documents")
     dropout: float | None = HfArg(default=None, help="override the backbone's dropout")
     stop_at_step: int | None = HfArg(default=None, help="save and stop here (resume later)")

@@ -6,7 +6,8 @@
 
 A Trainer checkpoint holds the weights in float32 and the optimizer's two moments: four times the
 model in all. A snapshot keeps the weights in float16 (half the model) with the run's state: the
-trainer state (step, log history), the curriculum stage and the run clock. The optimizer is not
+trainer state (step, log history), the curriculum stage and the run clock (and, in float16 too, the
+stage's best weights where a checkpoint keeps them apart from its own). The optimizer is not
 kept: the resumed run starts fresh Adam moments, continues the learning-rate schedule at the
 snapshot's step and warms it up again over the run's `--warmup-steps` (`Rewarm`; checkpoints saved
 during the warm-up carry it in `rewarm.json`). So a run resumed from a snapshot is close to, not
@@ -27,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from .curriculum import STAGE_BEST_FILE
+
 SNAPSHOT_FILE = "snapshot.json"
 REWARM_FILE = "rewarm.json"
 COMPLETE = ("trainer_state.json", "curriculum.json")  # what a resumable checkpoint holds, beside its weights
@@ -42,6 +45,7 @@ STATE_FILES = (
 )
 WEIGHTS = "model.safetensors"
 WEIGHT_FILES = (WEIGHTS, "adapter_model.safetensors")  # a full run's, or a LoRA run's (--lora-r)
+HALVED_WEIGHTS = (WEIGHTS, STAGE_BEST_FILE)  # kept in float16: the model, and its stage's best where that differs
 
 
 def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
@@ -61,9 +65,11 @@ def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=snapshot_dir.parent if snapshot_dir.parent.exists() else None) as tmp:
         staging = Path(tmp) / "snapshot"
         staging.mkdir()
-        weights = load_file(checkpoint / WEIGHTS)
-        save_file({name: _to_float16(tensor) for name, tensor in weights.items()}, staging / WEIGHTS,
-                  metadata={"format": "pt"})  # fmt: skip
+        for name in HALVED_WEIGHTS:
+            if (checkpoint / name).is_file():
+                weights = load_file(checkpoint / name)
+                save_file({key: _to_float16(tensor) for key, tensor in weights.items()}, staging / name,
+                          metadata={"format": "pt"})  # fmt: skip
         for name in STATE_FILES:
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, staging / name)
@@ -79,7 +85,7 @@ def save_snapshot(run_dir: str | Path, snapshot_dir: str | Path) -> Path:
 
 def _refuse_foreign_files(snapshot_dir: Path) -> None:
     """SystemExit when an earlier snapshot folder holds files a snapshot never writes (replacing would delete them)."""
-    own = {*STATE_FILES, WEIGHTS, SNAPSHOT_FILE}
+    own = {*STATE_FILES, *HALVED_WEIGHTS, SNAPSHOT_FILE}
     foreign = sorted(p.name for p in snapshot_dir.iterdir() if p.name not in own) if snapshot_dir.is_dir() else []
     if foreign:
         raise SystemExit(f"{snapshot_dir} holds {', '.join(foreign)}, which a snapshot does not write; replacing the "
@@ -98,9 +104,11 @@ def restore_snapshot(snapshot_dir: str | Path, run_dir: str | Path) -> Path:
                          "resume from it instead.")  # fmt: skip
     target = run_dir / f"checkpoint-{step}"
     target.mkdir(parents=True)
-    weights = load_file(snapshot_dir / WEIGHTS)
-    save_file({name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in weights.items()},
-              target / WEIGHTS, metadata={"format": "pt"})  # fmt: skip
+    for name in HALVED_WEIGHTS:
+        if (snapshot_dir / name).is_file():
+            halved = load_file(snapshot_dir / name)
+            weights = {key: t.float() if t.is_floating_point() else t for key, t in halved.items()}
+            save_file(weights, target / name, metadata={"format": "pt"})
     for name in (*STATE_FILES, SNAPSHOT_FILE):
         if (snapshot_dir / name).is_file():
             shutil.copy2(snapshot_dir / name, target / name)

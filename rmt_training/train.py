@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> Path:
             "folder away) to train again; nothing was changed."
         )
     last = last_complete_checkpoint(output_dir, set_aside=True) if output_dir.is_dir() else None
-    curriculum = Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps)
+    curriculum = Curriculum(list(args.stages), args.advance_at, args.patience, every_steps=args.every_steps,
+                            stage_start=args.stage_start)  # fmt: skip
     if last is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
         raise SystemExit(
             f"{output_dir} holds no complete checkpoint (one with its weights, trainer_state.json and "
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> Path:
         if longer:  # more stages after the saved ones: train on longer documents once these are done
             print(f"resuming with the stages extended from {saved.stages} to {curriculum.stages}")
             saved.stages = list(curriculum.stages)
-        settings = ("stages", "advance_at", "patience", "every_steps")
+        settings = ("stages", "advance_at", "patience", "every_steps", "stage_start")
         changed = [name for name in settings if getattr(saved, name) != getattr(curriculum, name)]
         if changed:
             print(f"resuming with the checkpoint's curriculum settings; ignoring the new {', '.join(changed)}")
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> Path:
         compute_metrics=answer_accuracy if decoder else accuracy_by_task(args.tasks, training_args.world_size),
         processing_class=tokenizer,
         preprocess_logits_for_metrics=answer_predictions if decoder else None,
-        callbacks=[CurriculumCallback(curriculum), clock]
+        callbacks=[CurriculumCallback(curriculum, resumed_from=last), clock]
         + ([StopAtStep(args.stop_at_step)] if args.stop_at_step else [])
         + ([rewarm] if rewarm else [])
         + ([lineage] if lineage else []),
