@@ -57,6 +57,7 @@ class Curriculum:
     evaluations_without_gain: int = 0
     stage_started_at: int = 0
     history: list[dict] = field(default_factory=list)
+    ended: dict | None = None  # the last stage's end, as a history entry: the curriculum is done
 
     def __post_init__(self) -> None:
         if not self.stages or any(s < 1 for s in self.stages) or sorted(self.stages) != list(self.stages):
@@ -83,8 +84,19 @@ class Curriculum:
         self.stage += 1
         self.best, self.best_step, self.evaluations_without_gain, self.stage_started_at = -math.inf, None, 0, step
 
+    def extend(self, stages: list[int]) -> None:
+        """Go on to more stages after these (`stages` starts with them): a last stage that ended moves on."""
+        self.stages = list(stages)
+        if self.ended is not None:
+            ended, self.ended = self.ended, None
+            self.history.append(ended)
+            self.stage += 1
+            self.best, self.best_step, self.evaluations_without_gain = -math.inf, None, 0
+            self.stage_started_at = ended["step"]
+
     def observe(self, metric: float, step: int) -> bool:
-        """Record a validation result; return whether the stage moved on."""
+        """Record a validation result; return whether the stage moved on. The last stage does not move on: it
+        ends (`ended`) where another stage would have."""
         if metric > self.best:
             self.best_step = step
         if metric >= self.best + self.min_delta:
@@ -92,15 +104,18 @@ class Curriculum:
         else:
             self.best = max(self.best, metric)
             self.evaluations_without_gain += 1
-        if self.finished or self.every_steps:
+        reached = metric >= self.advance_at
+        plateau = self.evaluations_without_gain >= self.patience and not self.every_steps
+        if (self.every_steps and not self.finished) or not (reached or plateau):
             return False
-        if metric >= self.advance_at:
-            self.advance(step, f"reached {metric:.4f}")
-            return True
-        if self.evaluations_without_gain >= self.patience:
-            self.advance(step, f"plateau at {self.best:.4f}")
-            return True
-        return False
+        reason = f"reached {metric:.4f}" if reached else f"plateau at {self.best:.4f}"
+        if self.finished:
+            if self.ended is None:
+                self.ended = {"step": step, "segments": self.num_segments, "best": self.best,
+                              "best_step": self.best_step, "reason": reason}  # fmt: skip
+            return False
+        self.advance(step, reason)
+        return True
 
     def save(self, folder: str | Path) -> None:
         (Path(folder) / CURRICULUM_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -112,7 +127,8 @@ class Curriculum:
 
 class CurriculumCallback(TrainerCallback):
     """Moves a `Curriculum` on from validation results (or a step schedule) and saves it with each
-    checkpoint; stops training once the last stage reaches `advance_at` when `stop_when_done`.
+    checkpoint; with `stop_when_done`, stops training once the last stage ends (reaches `advance_at`, or
+    plateaus), with that stage's best weights where `stage_start="best"`, so the run's final model is its best.
 
     With `stage_start="best"` it keeps a CPU copy of the stage's best validated weights and loads them
     into the model when the metric ends the stage; `resumed_from` is the checkpoint a resumed run starts
@@ -155,29 +171,31 @@ class CurriculumCallback(TrainerCallback):
         value = float(metrics[self.metric])
         was = plan.num_segments
         if plan.observe(value, step):
-            plan.history[-1]["weights_from_step"] = self._hand_on_weights(kw.get("model"), step)
+            plan.history[-1]["weights_from_step"] = self._hand_on_weights(kw.get("model"), plan.history[-1], step)
             self.best_weights = None
             state.log_history.append({"step": step, "curriculum_segments": plan.num_segments})
             print(f"curriculum: {was} -> {plan.num_segments} segments at step {step}")
             control.should_save = True
-        else:
-            if plan.stage_start == "best" and plan.best_step == step:
-                self.best_weights = _cpu_copy(kw.get("model"))
-            if self.stop_when_done and plan.finished and value >= plan.advance_at:
-                control.should_training_stop = True
+            return control
+        if plan.stage_start == "best" and plan.best_step == step:
+            self.best_weights = _cpu_copy(kw.get("model"))
+        if self.stop_when_done and plan.ended is not None and plan.ended["step"] == step:
+            plan.ended["weights_from_step"] = self._hand_on_weights(kw.get("model"), plan.ended, step)
+            print(f"curriculum: done at step {step} ({plan.ended['reason']})")
+            control.should_save = control.should_training_stop = True
         return control
 
-    def _hand_on_weights(self, model: torch.nn.Module | None, step: int) -> int:
-        """Put the ended stage's best weights into `model` where asked and kept; return the step they are from."""
-        best_step = self.curriculum.history[-1]["best_step"]
+    def _hand_on_weights(self, model: torch.nn.Module | None, ended: dict, step: int) -> int:
+        """Put the `ended` stage's best weights into `model` where asked and kept; return the step they are from."""
+        best_step = ended["best_step"]
         if self.curriculum.stage_start != "best" or best_step in (None, step):
             return step
         if self.best_weights is None:
             print(f"curriculum: the best weights of this stage (step {best_step}) were not kept (a checkpoint of "
-                  f"older code); the next stage starts from the weights of step {step}")  # fmt: skip
+                  f"older code); going on with the weights of step {step}")  # fmt: skip
             return step
         model.load_state_dict(self.best_weights)
-        print(f"curriculum: the next stage starts from the best weights of this stage, step {best_step}")
+        print(f"curriculum: going on with the best weights of this stage, step {best_step}")
         return best_step
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

@@ -94,6 +94,12 @@ def training_command(settings: dict[str, Any], name: str, init_from: str | None)
 
 def last_stage(curriculum: dict[str, Any], steps: int) -> list[dict[str, Any]]:
     """The curriculum's last stage as a history row (the history lists the stages that moved on)."""
+    ended = curriculum.get("ended")
+    if ended:
+        handed_on = ended.get("weights_from_step", ended["step"])
+        weights = f" (final weights: step {handed_on:,}'s, the stage's best)" if handed_on != ended["step"] else ""
+        reason = f"{ended['reason']}: the curriculum is done{weights}"
+        return [{"step": ended["step"], "segments": ended["segments"], "best": ended["best"], "reason": reason}]
     best = curriculum.get("best")
     if best is None or not math.isfinite(best):
         return []

@@ -37,6 +37,7 @@ from transformers import (
     DataCollatorWithPadding,
     PretrainedConfig,
     Trainer,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> Path:
         longer = curriculum.stages[: len(saved.stages)] == saved.stages and len(curriculum.stages) > len(saved.stages)
         if longer:  # more stages after the saved ones: train on longer documents once these are done
             print(f"resuming with the stages extended from {saved.stages} to {curriculum.stages}")
-            saved.stages = list(curriculum.stages)
+            saved.extend(curriculum.stages)
         settings = ("stages", "advance_at", "patience", "every_steps", "stage_start")
         changed = [name for name in settings if getattr(saved, name) != getattr(curriculum, name)]
         if changed:
@@ -290,6 +291,12 @@ def main(argv: list[str] | None = None) -> Path:
     rewarm = Rewarm.for_checkpoint(last, int(training_args.warmup_steps))
     lora = args.lora_r is not None  # a LoRA checkpoint holds the adapter: the base is built anew, as at the start
     model = build_model(args, tokenizer, None if lora else last)
+    ended = last is not None and curriculum.ended is not None  # but final/ was not written: nothing left to train
+    if ended and lora:
+        raise SystemExit(f"This LoRA run ended at step {curriculum.ended['step']} before final/ was written: its "
+                         f"adapter is in {last} (load it with peft's PeftModel.from_pretrained).")  # fmt: skip
+    if ended:
+        model = model.from_pretrained(last, dtype=torch.float32)  # the checkpoint's model is the final one
     if decoder:
         end_answers_at_end_token(model, tokenizer)
     if lora:
@@ -309,7 +316,11 @@ def main(argv: list[str] | None = None) -> Path:
     if last:
         kind = f" (learning rate warming up again from step {rewarm.resumed_at})" if rewarm else ""
         print(f"resuming from {last}{kind} at {curriculum.num_segments} segments per document")
-    trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if ended:
+        trainer.state = TrainerState.load_from_json(str(last / "trainer_state.json"))
+        print(f"the curriculum ended at step {curriculum.ended['step']}: saving {last}'s model as the final one")
+    else:
+        trainer.train(resume_from_checkpoint=str(last) if last else None)
     if args.stop_at_step and trainer.state.global_step >= args.stop_at_step < training_args.max_steps:
         print(f"stopped at step {trainer.state.global_step}; run again with the same --output-dir to resume")
         return output_dir

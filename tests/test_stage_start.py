@@ -1,5 +1,6 @@
 """A curriculum stage ended by validation hands the next stage its best validated weights (the report's recipe),
-kept across a resume, a snapshot, and checkpoints written by older code."""
+kept across a resume, a snapshot, and checkpoints written by older code; the last stage ends the run the same
+way, so the final model is that stage's best."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from test_training import run_args, tiny_backbone  # noqa: F401 (a fixture)
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from rmt_training.curriculum import STAGE_BEST_FILE, Curriculum, CurriculumCallback
+from rmt_training.run_record import last_stage
 from rmt_training.snapshot import main as snapshot_main
 from rmt_training.train import main as train_main
 
@@ -32,6 +34,9 @@ def test_observe_records_the_step_of_the_stages_best_and_advance_hands_it_to_the
     plan.observe(0.505, step=20)  # better, though not by min_delta: still the best weights
     assert (plan.best, plan.best_step, plan.evaluations_without_gain) == (0.505, 20, 1)
     assert plan.observe(0.4, step=30) and plan.history[0]["best_step"] == 20 and plan.best_step is None
+    assert not plan.observe(0.3, step=40) and not plan.observe(0.3, step=50) and plan.ended is None
+    assert not plan.observe(0.3, step=60) and plan.ended["reason"] == "plateau at 0.3000"  # the last stage ends
+    assert plan.num_segments == 2 and (plan.ended["step"], plan.ended["best_step"]) == (60, 40)
     with pytest.raises(ValueError, match="stage_start must be one of"):
         Curriculum([1], stage_start="first")
 
@@ -74,6 +79,27 @@ def test_a_snapshot_carries_the_stages_best_weights_in_float16(tiny_backbone, tm
     final = train_main(run_args(tiny_backbone, tmp_path / "second", *PLATEAU, "--stop-at-step", "4"))
     assert Curriculum.load(final / "checkpoint-4").history[0]["weights_from_step"] == 2
     assert_same_weights(load_file(final / "checkpoint-4" / "model.safetensors"), best)
+
+
+def test_the_last_stage_ends_on_a_plateau_and_the_final_model_is_its_best(tiny_backbone, tmp_path):  # noqa: F811
+    common = ["--max-steps", "8", "--stages", "1", "--advance-at", "1.0", "--patience", "1"]
+    final = train_main(run_args(tiny_backbone, tmp_path / "run", *common))
+    ended = Curriculum.load(final).ended
+    assert (ended["step"], ended["best_step"], ended["weights_from_step"]) == (4, 2, 2)  # stopped at 4 of 8 steps
+    steps = [entry["step"] for entry in json.loads((final / "log_history.json").read_text()) if "loss" in entry]
+    assert max(steps) == 4
+    assert_same_weights(
+        load_file(final / "model.safetensors"), load_file(final.parent / "checkpoint-2" / "model.safetensors")
+    )
+    [row] = last_stage(json.loads((final / "curriculum.json").read_text()), 4)
+    assert row["step"] == 4 and "the curriculum is done (final weights: step 2's" in row["reason"]
+
+    # Killed after the last checkpoint, before final/ was written: a rerun saves that checkpoint's model, untrained.
+    first = final.rename(tmp_path / "first-final")
+    again = train_main(run_args(tiny_backbone, tmp_path / "run", *common))
+    assert_same_weights(load_file(again / "model.safetensors"), load_file(first / "model.safetensors"))
+    history, kept = (json.loads((folder / "log_history.json").read_text()) for folder in (first, again))
+    assert kept == [entry for entry in history if "train_runtime" not in entry]  # all but the trainer's summary
 
 
 def evaluate(callback: CurriculumCallback, model: torch.nn.Module, step: int, accuracy: float) -> None:
