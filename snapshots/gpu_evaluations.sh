@@ -31,9 +31,10 @@ for dtype in float16 bfloat16; do
         --tasks qa1 --segments 512 --noise python_docs --dtype "$dtype"
 done
 
-# Item 2: the 512-position classifier's curve, once its checkpoint is exported.
+# Item 2: the 512-position classifier's curve, once its checkpoint is exported. 60 documents a task at 4,096 segments
+# keep each 95% interval under 25 points whatever the accuracy (24.5 at 50%).
 if [ -d checkpoints/rmt-minilm-512 ]; then
-    run_cells "rmt-minilm-512" checkpoints/rmt-minilm-512 rmt-minilm-512-evaluation.json "200 200 100 50 40" \
+    run_cells "rmt-minilm-512" checkpoints/rmt-minilm-512 rmt-minilm-512-evaluation.json "200 200 100 60 60" \
         --tasks memorize detect_memorize reasoning --segments 1 7 64 512 4096
 fi
 
