@@ -194,7 +194,9 @@ class CurriculumCallback(TrainerCallback):
             print(f"curriculum: the best weights of this stage (step {best_step}) were not kept (a checkpoint of "
                   f"older code); going on with the weights of step {step}")  # fmt: skip
             return step
-        model.load_state_dict(self.best_weights)
+        unexpected = model.load_state_dict(self.best_weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"The stage's best weights name {unexpected[:3]}, which this model lacks.")
         print(f"curriculum: going on with the best weights of this stage, step {best_step}")
         return best_step
 
@@ -209,7 +211,9 @@ class CurriculumCallback(TrainerCallback):
 
 
 def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in model.state_dict().items()}
+    """The weights training changes (those that need gradients: a LoRA run's adapter, not its frozen base)."""
+    return {name: tensor.detach().to("cpu", copy=True).contiguous()
+            for name, tensor in model.named_parameters() if tensor.requires_grad}  # fmt: skip
 
 
 class CurriculumTaskDataset(torch.utils.data.Dataset):

@@ -81,6 +81,22 @@ def test_a_snapshot_carries_the_stages_best_weights_in_float16(tiny_backbone, tm
     assert_same_weights(load_file(final / "checkpoint-4" / "model.safetensors"), best)
 
 
+def test_a_lora_run_keeps_only_the_weights_it_trains_as_its_stages_best(tiny_backbone, tmp_path):  # noqa: F811
+    pytest.importorskip("peft")
+    lora = [*PLATEAU, "--lora-r", "4", "--lora-alpha", "8"]
+    whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *lora))
+    assert Curriculum.load(whole).history[0]["weights_from_step"] == 2
+    run = train_main(run_args(tiny_backbone, tmp_path / "parts", *lora, "--stop-at-step", "3"))
+    kept = load_file(run / "checkpoint-3" / STAGE_BEST_FILE)
+    assert kept and all("lora_" in name or "memory" in name or "classifier" in name for name in kept)
+    assert not any("base_layer" in name for name in kept)  # the frozen backbone is never copied
+    final = train_main(run_args(tiny_backbone, run, *lora))
+    assert Curriculum.load(final) == Curriculum.load(whole)
+    reference = load_file(whole / "model.safetensors")
+    for name, value in load_file(final / "model.safetensors").items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-6)
+
+
 def test_the_last_stage_ends_on_a_plateau_and_the_final_model_is_its_best(tiny_backbone, tmp_path):  # noqa: F811
     common = ["--max-steps", "8", "--stages", "1", "--advance-at", "1.0", "--patience", "1"]
     final = train_main(run_args(tiny_backbone, tmp_path / "run", *common))
