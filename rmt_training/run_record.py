@@ -92,14 +92,23 @@ def training_command(settings: dict[str, Any], name: str, init_from: str | None)
     return f"python -m rmt_training.train --output-dir runs/{run} {' '.join(flags)}"
 
 
+def stage_rows(curriculum: dict[str, Any], steps: int) -> list[dict[str, Any]]:
+    """The card's rows of the curriculum: each stage that moved on, then the last stage."""
+    rows = [_stage_row(entry, "the next stage started from") for entry in curriculum["history"]]
+    return rows + last_stage(curriculum, steps)
+
+
+def _stage_row(entry: dict[str, Any], handed_on_to: str, done: str = "") -> dict[str, Any]:
+    """A history entry as a card row, naming the step whose weights went on where that is not its last."""
+    handed_on = entry.get("weights_from_step", entry["step"])
+    weights = f" ({handed_on_to} step {handed_on:,}'s weights, the stage's best)" if handed_on != entry["step"] else ""
+    return {key: entry[key] for key in ("step", "segments", "best")} | {"reason": entry["reason"] + done + weights}
+
+
 def last_stage(curriculum: dict[str, Any], steps: int) -> list[dict[str, Any]]:
     """The curriculum's last stage as a history row (the history lists the stages that moved on)."""
-    ended = curriculum.get("ended")
-    if ended:
-        handed_on = ended.get("weights_from_step", ended["step"])
-        weights = f" (final weights: step {handed_on:,}'s, the stage's best)" if handed_on != ended["step"] else ""
-        reason = f"{ended['reason']}: the curriculum is done{weights}"
-        return [{"step": ended["step"], "segments": ended["segments"], "best": ended["best"], "reason": reason}]
+    if curriculum.get("ended"):
+        return [_stage_row(curriculum["ended"], "the final model is", done=": the curriculum is done")]
     best = curriculum.get("best")
     if best is None or not math.isfinite(best):
         return []
@@ -153,7 +162,7 @@ def describe_run(record: dict[str, Any], name: str, repo_id: str, hardware: str)
             "hours": round(runtime / 3600, 2), **({"hours_from_step": clock["untimed_steps"] + 1}
                                                   if clock and clock["untimed_steps"] else {}),
             "command": training_command(settings | first_rate, name, init_from),
-            "curriculum_history": curriculum["history"] + last_stage(curriculum, steps),
+            "curriculum_history": stage_rows(curriculum, steps),
             **({"precision": clock["precision"]} if clock and "precision" in clock else {}),
             **({"learning_rate_parts": rates} if len(rates) > 1 else {}),
             **({"initialised_from": previous} if previous else {}),

@@ -13,7 +13,7 @@ from test_training import run_args, tiny_backbone  # noqa: F401 (a fixture)
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from rmt_training.curriculum import STAGE_BEST_FILE, Curriculum, CurriculumCallback
-from rmt_training.run_record import last_stage
+from rmt_training.run_record import last_stage, stage_rows
 from rmt_training.snapshot import main as snapshot_main
 from rmt_training.train import main as train_main
 
@@ -48,6 +48,9 @@ def test_a_plateau_hands_the_next_stage_its_best_weights_and_a_resumed_run_ends_
     whole = train_main(run_args(tiny_backbone, tmp_path / "whole", *PLATEAU))
     ended = Curriculum.load(whole).history[0]
     assert (ended["step"], ended["best_step"], ended["weights_from_step"]) == (4, 2, 2)
+    first_row = stage_rows(json.loads((whole / "curriculum.json").read_text()), 6)[0]  # as the card shows it
+    assert first_row["reason"].startswith("plateau at")
+    assert first_row["reason"].endswith(" (the next stage started from step 2's weights, the stage's best)")
 
     run = tmp_path / "parts"
     train_main(run_args(tiny_backbone, run, *PLATEAU, "--stop-at-step", "3"))
@@ -108,7 +111,7 @@ def test_the_last_stage_ends_on_a_plateau_and_the_final_model_is_its_best(tiny_b
         load_file(final / "model.safetensors"), load_file(final.parent / "checkpoint-2" / "model.safetensors")
     )
     [row] = last_stage(json.loads((final / "curriculum.json").read_text()), 4)
-    assert row["step"] == 4 and "the curriculum is done (final weights: step 2's" in row["reason"]
+    assert row["step"] == 4 and "the curriculum is done (the final model is step 2's weights" in row["reason"]
 
     # Killed after the last checkpoint, before final/ was written: a rerun saves that checkpoint's model, untrained.
     first = final.rename(tmp_path / "first-final")
