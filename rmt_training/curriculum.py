@@ -145,9 +145,16 @@ class CurriculumCallback(TrainerCallback):
         self.resumed_from = Path(resumed_from) if resumed_from else None
         self.best_weights: dict[str, torch.Tensor] | None = None  # the weights of `curriculum.best_step`
 
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the current stage's best weights are kept: to hand on when validation ends the stage (a stage
+        ended by `every_steps` hands on its last)."""
+        plan = self.curriculum
+        return plan.stage_start == "best" and (not plan.every_steps or plan.finished)
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw):
         plan, checkpoint = self.curriculum, self.resumed_from
-        if plan.stage_start != "best" or checkpoint is None or plan.best_step is None:
+        if not self.keeps_best or checkpoint is None or plan.best_step is None:
             return control
         if (checkpoint / STAGE_BEST_FILE).is_file():
             self.best_weights = load_file(checkpoint / STAGE_BEST_FILE)
@@ -177,10 +184,11 @@ class CurriculumCallback(TrainerCallback):
             print(f"curriculum: {was} -> {plan.num_segments} segments at step {step}")
             control.should_save = True
             return control
-        if plan.stage_start == "best" and plan.best_step == step:
+        if self.keeps_best and plan.best_step == step:
             self.best_weights = _cpu_copy(kw.get("model"))
         if self.stop_when_done and plan.ended is not None and plan.ended["step"] == step:
             plan.ended["weights_from_step"] = self._hand_on_weights(kw.get("model"), plan.ended, step)
+            self.best_weights = None  # now the model's own
             print(f"curriculum: done at step {step} ({plan.ended['reason']})")
             control.should_save = control.should_training_stop = True
         return control

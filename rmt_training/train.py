@@ -47,7 +47,7 @@ from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from rmt_tools.backbones import minilm_path
 from rmt_tools.hardware import slow_bfloat16_warning
 
-from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
+from .curriculum import CURRICULUM_FILE, Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import (
     DecoderCollator,
     answer_accuracy,
@@ -60,7 +60,7 @@ from .decoder import (
 from .labels import add_unknown_label, labels_for
 from .options import RunOptions, RunTrainingArguments, parse_options
 from .run_callbacks import Lineage, RunClock, StopAtStep
-from .snapshot import Rewarm, last_complete_checkpoint
+from .snapshot import Rewarm, checkpoint_step, last_complete_checkpoint
 from .tasks import HELD_OUT_SEED, VALIDATION_SEED_OFFSET, TokenizedNoise, check_held_out
 
 
@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> Path:
         lineage.new_memory = args.new_memory = args.new_memory if lineage.new_memory is None else lineage.new_memory
     if last:
         saved = Curriculum.load(last)
+        if "stage_start" not in json.loads((last / CURRICULUM_FILE).read_text()):  # saved by older code
+            saved.stage_start = curriculum.stage_start
         longer = curriculum.stages[: len(saved.stages)] == saved.stages and len(curriculum.stages) > len(saved.stages)
         if longer:  # more stages after the saved ones: train on longer documents once these are done
             print(f"resuming with the stages extended from {saved.stages} to {curriculum.stages}")
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> Path:
     rewarm = Rewarm.for_checkpoint(last, int(training_args.warmup_steps))
     lora = args.lora_r is not None  # a LoRA checkpoint holds the adapter: the base is built anew, as at the start
     model = build_model(args, tokenizer, None if lora else last)
-    ended = last is not None and curriculum.ended is not None  # but final/ was not written: nothing left to train
+    # The curriculum ended at this checkpoint, but final/ was not written: nothing is left to train.
+    ended = last is not None and curriculum.ended is not None and curriculum.ended["step"] == checkpoint_step(last)
     if ended and lora:
         raise SystemExit(f"This LoRA run ended at step {curriculum.ended['step']} before final/ was written: its "
                          f"adapter is in {last} (load it with peft's PeftModel.from_pretrained).")  # fmt: skip
@@ -313,6 +316,11 @@ def main(argv: list[str] | None = None) -> Path:
         + ([lineage] if lineage else []),
     )  # fmt: skip
     check_fsdp_launch(trainer)
+    if trainer.is_fsdp_enabled and curriculum.stage_start == "best":
+        raise SystemExit(
+            "--stage-start best keeps a whole copy of each stage's best weights, which a model sharded with FSDP does "
+            "not give: pass --stage-start last (stages go on from their last weights)."
+        )
     if last:
         kind = f" (learning rate warming up again from step {rewarm.resumed_at})" if rewarm else ""
         print(f"resuming from {last}{kind} at {curriculum.num_segments} segments per document")

@@ -121,6 +121,20 @@ def test_the_last_stage_ends_on_a_plateau_and_the_final_model_is_its_best(tiny_b
     assert kept == [entry for entry in history if "train_runtime" not in entry]  # all but the trainer's summary
 
 
+def test_an_ended_last_stage_given_more_stages_goes_on_from_its_best_weights(tiny_backbone, tmp_path):  # noqa: F811
+    one = ["--max-steps", "8", "--stages", "1", "--advance-at", "1.0", "--patience", "1"]
+    run = train_main(run_args(tiny_backbone, tmp_path / "run", *one, "--stop-at-step", "4"))  # it ends at step 4
+    best = load_file(run / "checkpoint-2" / "model.safetensors")
+    assert_same_weights(load_file(run / "checkpoint-4" / "model.safetensors"), best)
+    final = train_main(run_args(tiny_backbone, run, *one[:2], "--stages", "1", "2", *one[4:]))
+    plan = Curriculum.load(final)
+    assert plan.stages == [1, 2] and plan.num_segments == 2
+    assert (plan.ended["step"], plan.ended["weights_from_step"]) == (8, 6)  # the new last stage ends in its turn
+    assert [(entry["step"], entry["weights_from_step"]) for entry in plan.history] == [(4, 2)]
+    steps = [entry["step"] for entry in json.loads((final / "log_history.json").read_text()) if "loss" in entry]
+    assert max(steps) == 8  # trained on after step 4
+
+
 def evaluate(callback: CurriculumCallback, model: torch.nn.Module, step: int, accuracy: float) -> None:
     state = TrainerState(global_step=step)
     callback.on_evaluate(TrainingArguments("unused", report_to=[]), state, TrainerControl(),
