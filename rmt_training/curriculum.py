@@ -79,20 +79,24 @@ class Curriculum:
         return self.stage == len(self.stages) - 1
 
     def advance(self, step: int, reason: str) -> None:
-        self.history.append({"step": step, "segments": self.num_segments, "best": self.best,
-                             "best_step": self.best_step, "reason": reason})  # fmt: skip
-        self.stage += 1
-        self.best, self.best_step, self.evaluations_without_gain, self.stage_started_at = -math.inf, None, 0, step
+        self._next_stage(self._stage_end(step, reason))
+
+    def _stage_end(self, step: int, reason: str) -> dict:
+        return {"step": step, "segments": self.num_segments, "best": self.best, "best_step": self.best_step,
+                "reason": reason}  # fmt: skip
+
+    def _next_stage(self, ended: dict) -> None:
+        """Record the current stage's end in the history and start the next stage."""
+        self.history.append(ended)
+        self.stage, self.stage_started_at = self.stage + 1, ended["step"]
+        self.best, self.best_step, self.evaluations_without_gain = -math.inf, None, 0
 
     def extend(self, stages: list[int]) -> None:
         """Go on to more stages after these (`stages` starts with them): a last stage that ended moves on."""
         self.stages = list(stages)
         if self.ended is not None:
             ended, self.ended = self.ended, None
-            self.history.append(ended)
-            self.stage += 1
-            self.best, self.best_step, self.evaluations_without_gain = -math.inf, None, 0
-            self.stage_started_at = ended["step"]
+            self._next_stage(ended)
 
     def observe(self, metric: float, step: int) -> bool:
         """Record a validation result; return whether the stage moved on. The last stage does not move on: it
@@ -111,8 +115,7 @@ class Curriculum:
         reason = f"reached {metric:.4f}" if reached else f"plateau at {self.best:.4f}"
         if self.finished:
             if self.ended is None:
-                self.ended = {"step": step, "segments": self.num_segments, "best": self.best,
-                              "best_step": self.best_step, "reason": reason}  # fmt: skip
+                self.ended = self._stage_end(step, reason)
             return False
         self.advance(step, reason)
         return True
@@ -121,8 +124,9 @@ class Curriculum:
         (Path(folder) / CURRICULUM_FILE).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path) -> Curriculum:
-        return cls(**json.loads((Path(folder) / CURRICULUM_FILE).read_text()))
+    def load(cls, folder: str | Path, **unsaved: object) -> Curriculum:
+        """The curriculum saved in `folder`; `unsaved` gives fields that older code did not save."""
+        return cls(**(unsaved | json.loads((Path(folder) / CURRICULUM_FILE).read_text())))
 
 
 class CurriculumCallback(TrainerCallback):
@@ -167,7 +171,6 @@ class CurriculumCallback(TrainerCallback):
         if plan.every_steps and not plan.finished and state.global_step - plan.stage_started_at >= plan.every_steps:
             plan.advance(state.global_step, f"schedule ({plan.every_steps} steps)")
             plan.history[-1]["weights_from_step"] = state.global_step
-            self.best_weights = None
             control.should_evaluate = True
         return control
 
@@ -194,7 +197,8 @@ class CurriculumCallback(TrainerCallback):
         return control
 
     def _hand_on_weights(self, model: torch.nn.Module | None, ended: dict, step: int) -> int:
-        """Put the `ended` stage's best weights into `model` where asked and kept; return the step they are from."""
+        """Put the best weights of the stage that `ended` (its history entry) into `model` where asked and kept;
+        return the step they are from."""
         best_step = ended["best_step"]
         if self.curriculum.stage_start != "best" or best_step in (None, step):
             return step

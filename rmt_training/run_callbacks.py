@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainingArguments
 
 from .run_record import LINEAGE_FILE, read_run
-from .snapshot import lambda_scheduler, set_rates_at
+from .snapshot import checkpoint_step, lambda_scheduler, set_rates_at
 
 
 class StopAtStep(TrainerCallback):
@@ -56,7 +56,7 @@ class RunClock(CheckpointRecord):
 
     def __init__(self, resumed_from: str | None, dtype: str = "float32") -> None:
         saved = Path(resumed_from or "") / self.FILE
-        self.resumed_step = int(Path(resumed_from).name.split("-")[-1]) if resumed_from else 0
+        self.resumed_step = checkpoint_step(Path(resumed_from)) if resumed_from else 0
         record = json.loads(saved.read_text()) if resumed_from and saved.is_file() else None
         if record:
             self.seconds, self.untimed_steps = float(record["seconds"]), int(record["untimed_steps"])

@@ -47,7 +47,7 @@ from modeling_rmt import RMTForCausalLM, RMTForSequenceClassification
 from rmt_tools.backbones import minilm_path
 from rmt_tools.hardware import slow_bfloat16_warning
 
-from .curriculum import CURRICULUM_FILE, Curriculum, CurriculumCallback, CurriculumTaskDataset
+from .curriculum import Curriculum, CurriculumCallback, CurriculumTaskDataset
 from .decoder import (
     DecoderCollator,
     answer_accuracy,
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
     if lineage:  # as the run started, whether or not a resume repeats the flag (older records: as given now)
         lineage.new_memory = args.new_memory = args.new_memory if lineage.new_memory is None else lineage.new_memory
     if last:
-        saved = Curriculum.load(last)
-        if "stage_start" not in json.loads((last / CURRICULUM_FILE).read_text()):  # saved by older code
-            saved.stage_start = curriculum.stage_start
+        saved = Curriculum.load(last, stage_start=curriculum.stage_start)  # older code saved no stage_start
         longer = curriculum.stages[: len(saved.stages)] == saved.stages and len(curriculum.stages) > len(saved.stages)
         if longer:  # more stages after the saved ones: train on longer documents once these are done
             print(f"resuming with the stages extended from {saved.stages} to {curriculum.stages}")
